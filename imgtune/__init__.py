@@ -1,0 +1,35 @@
+"""imgtune: fine-tune an ImageNet-pretrained network on a folder of labelled images, offline, on one machine."""
+
+__version__ = "0.1.0"
+
+from imgtune.callbacks import CheckpointCallback, EarlyStopping, History, ProgressCallback
+from imgtune.data import PETS_LABEL_RE, ImageData, Item, load_data
+from imgtune.datasets import CATALOGUE
+from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.export import Prediction, Predictor
+from imgtune.images import load_image
+from imgtune.learner import Learner, LRFinderResult, set_seed
+from imgtune.models import REGISTRY, create_model
+
+__all__ = [
+    "CATALOGUE",
+    "CheckpointCallback",
+    "EarlyStopping",
+    "History",
+    "ImageData",
+    "ImgtuneError",
+    "Item",
+    "LRFinderResult",
+    "Learner",
+    "PETS_LABEL_RE",
+    "Prediction",
+    "Predictor",
+    "ProgressCallback",
+    "REGISTRY",
+    "UnreadableImageError",
+    "__version__",
+    "create_model",
+    "load_data",
+    "load_image",
+    "set_seed",
+]

@@ -1,0 +1,109 @@
+"""Decode one image file into an upright RGB picture, whatever its mode, or say why it cannot be read."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from imgtune.errors import UnreadableImageError
+
+#: Above this many pixels a file is refused as a likely decompression bomb (PIL's own limit).
+MAX_PIXELS = 89_478_485
+
+#: The background that transparent pixels are composited onto.
+BACKGROUND = (255, 255, 255)
+
+
+def load_image(path: str | Path, *, min_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file as an upright RGB picture.
+
+    EXIF orientation is applied, transparency is composited onto white and every PIL mode
+    (L, LA, P, RGBA, CMYK, I;16, I, F, 1, ...) is turned into 8-bit RGB.
+
+    Args:
+        path: the image file.
+        min_size: when given, a JPEG may be decoded at a reduced scale (in the DCT domain, which is
+            much faster) as long as both sides stay at least this many pixels.
+        max_pixels: files with more pixels than this are refused before decoding.
+
+    Returns:
+        A loaded ``PIL.Image.Image`` in mode ``RGB``.
+
+    Raises:
+        UnreadableImageError: the file is empty, truncated, not an image or too large.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(f"{path}: empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise UnreadableImageError(
+                        f"{path}: {width}x{height} pixels is more than the limit of {max_pixels} "
+                        "(a possible decompression bomb)"
+                    )
+                if min_size and image.format == "JPEG":
+                    image.draft("RGB", (min_size, min_size))
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except UnreadableImageError:
+        raise
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImageError(f"{path}: cannot decode ({_first_line(error)})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB without clipping high bit depths or losing transparency."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        if "transparency" in image.info:
+            return _composite(image.convert("RGBA"))
+        return image.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _composite(image.convert("RGBA"))
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(image), mode), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def _composite(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Scale high-bit-depth pixel values to 0..255.
+
+    16-bit modes are scaled by their bit depth (65535 -> 255), so a dark 16-bit image stays dark.
+    32-bit integers are taken as 16-bit data when they fit (PNG 16-bit often opens as mode I).
+    Floats in 0..1 are scaled by 255; other floats are clipped.
+    """
+    values = values.astype(np.float64)
+    top = float(values.max(initial=0.0))
+    if mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    elif top <= 255:
+        scale = 1.0
+    elif top <= 65535:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / top
+    return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,148 @@
+"""A training run: find the data, fine-tune, and write the run folder (bundle, metrics, summary, lr curve)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from imgtune.data import ImageData, load_data
+from imgtune.errors import ImgtuneError
+from imgtune.export import save_bundle, versions
+from imgtune.learner import Learner
+from imgtune.models import DEFAULT_ARCH, IMAGENET
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` produced: the run folder, the learner and the metrics written to ``metrics.json``."""
+
+    run_dir: Path
+    learner: Learner
+    metrics: dict
+
+
+def default_run_dir(source, *, root: str | Path = "runs") -> Path:
+    """``runs/<data name>-<YYYYmmdd-HHMMSS>``."""
+    name = Path(str(source)).name if source is not None else "elpv"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "data"
+    return Path(root) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_out(out: str | Path, *, overwrite: bool = False, create: bool = True) -> Path:
+    """Make sure writing to ``out`` destroys nothing: it must be new or empty unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ImgtuneError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ImgtuneError(f"{out}: folder exists and is not empty; choose another --out or pass --overwrite")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(
+    data: ImageData | str | Path | None = None,
+    *,
+    arch: str = DEFAULT_ARCH,
+    epochs: int = 3,
+    freeze_epochs: int = 1,
+    lr: float | Sequence[float] | None = None,
+    weights: str | None = IMAGENET,
+    size: int = 224,
+    resize: str = "crop",
+    bs: int = 32,
+    augment: bool = True,
+    num_workers: int | None = None,
+    seed: int = 42,
+    device: str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str = "",
+    **data_options,
+) -> RunResult:
+    """Fine-tune ``arch`` on ``data`` with the lesson's recipe and write a run folder.
+
+    Args:
+        data: an :class:`ImageData`, or a source for :func:`imgtune.load_data` (with
+            ``data_options`` such as ``label_re``, ``csv_path``, ``valid_pct``, ``stratify``).
+        epochs, freeze_epochs, lr: see :meth:`Learner.fine_tune` (``lr=None`` runs the lr finder).
+        out: the run folder (default ``runs/<data>-<timestamp>``); must be new or empty unless
+            ``overwrite``.
+        command: the command line, recorded in ``metrics.json``.
+        Other arguments: see :meth:`Learner.from_data`.
+
+    Returns:
+        A :class:`RunResult`. The folder holds ``model.safetensors``, ``model.json``,
+        ``metrics.json``, ``summary.txt`` and, when the lr finder ran, ``lr_find.png``.
+    """
+    if epochs < 0 or freeze_epochs < 0 or epochs + freeze_epochs == 0:
+        raise ImgtuneError("--epochs and --freeze-epochs must be >= 0 and not both 0")
+    started = time.perf_counter()
+    source = data
+    run_dir = out or default_run_dir(source if not isinstance(data, ImageData) else "data")
+    prepare_out(run_dir, overwrite=overwrite, create=False)  # fail before the slow part
+    if not isinstance(data, ImageData):
+        data = load_data(data, seed=seed, **data_options)
+    run_dir = prepare_out(run_dir, overwrite=overwrite)
+    data_seconds = time.perf_counter() - started
+    learner = Learner.from_data(data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
+                                num_workers=num_workers, seed=seed, device=device, progress=progress)
+    finder = None
+    if lr is None:
+        finder = learner.lr_find()
+        lr = finder.suggested
+        from imgtune.report import plot_lr_find
+
+        plot_lr_find(finder, run_dir / "lr_find.png")
+    learner.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
+    final = learner.history[-1]
+    seconds = dict(data=data_seconds, **learner.timings)
+    seconds["total"] = time.perf_counter() - started
+    metrics = dict(
+        valid_accuracy=final["accuracy"],
+        error_rate=final["error_rate"],
+        valid_loss=final["valid_loss"],
+        history=learner.history,
+        lr=dict(learner.config["lr"], suggestion=finder.suggestion if finder else None),
+        seconds=seconds,
+        data=dict(description=data.description, classes=data.classes, counts=data.counts(),
+                  train=len(data.train), valid=len(data.valid),
+                  skipped=[{"path": str(s.path), "reason": s.reason} for s in data.skipped]),
+        device=str(learner.device),
+        command=command,
+        versions=versions(),
+    )
+    save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
+    return RunResult(run_dir, learner, metrics)
+
+
+def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
+    """A short human summary of a run."""
+    data = metrics["data"]
+    lines = [
+        f"imgtune run {run_dir}",
+        f"data: {data['description']}: {len(data['classes'])} classes, {data['train']} train / {data['valid']} valid"
+        f" images, {len(data['skipped'])} skipped",
+        f"model: {config['arch']} ({config['timm_name']}, weights {config['weights']}), {config['size']}px"
+        f" {config['resize']}, batch {config['bs']}, device {metrics['device']}",
+        f"lr: head {config['lr']['frozen']:.3g} frozen; {config['lr']['unfrozen'][0]:.3g}..{config['lr']['unfrozen'][1]:.3g}"
+        " unfrozen",
+        "epoch  phase     train_loss  valid_loss  accuracy  seconds",
+    ]
+    for m in metrics["history"]:
+        lines.append(f"{m['epoch']:>5}  {m['phase']:<8}  {m['train_loss']:>10.4f}  {m['valid_loss']:>10.4f}"
+                     f"  {100 * m['accuracy']:>7.2f}%  {m['seconds']:>7.1f}")
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in metrics["seconds"].items())
+    lines += [
+        f"validation accuracy {100 * metrics['valid_accuracy']:.2f}% (error rate {100 * metrics['error_rate']:.2f}%)",
+        f"time: {timing}",
+    ]
+    return "\n".join(lines)
