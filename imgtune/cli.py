@@ -41,6 +41,15 @@ def parse_lr(value: str | None) -> float | tuple[float, float] | None:
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
+def parse_epochs(value: str, name: str) -> int | None:
+    """``"auto"`` -> None (chosen from the dataset size); otherwise a count >= 0."""
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param_hint=name)
+    return int(value)
+
+
 def data_options(function):
     """Options that say where the labelled images are and how to split them."""
     options = [
@@ -68,7 +77,8 @@ def model_options(function):
                      help="Backbone: efficientnet_lite0/1/2 (offline weights), resnet34, resnet50, or any timm name."),
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet, none (random init), a .safetensors/.pth file, or an earlier run folder."),
-        click.option("--size", default=224, show_default=True, help="Image side in pixels."),
+        click.option("--size", type=int, default=None,
+                     help="Image side in pixels.  [default: the backbone's: 224, lite1 240, lite2 260]"),
         click.option("--resize", type=click.Choice(["crop", "squish", "pad"]), default="crop", show_default=True,
                      help="How images become square: centre crop, squish, or pad with black."),
         click.option("--bs", default=32, show_default=True, help="Batch size."),
@@ -128,8 +138,10 @@ def cli(debug: bool) -> None:
 @cli.command(epilog=EPILOG_TRAIN)
 @data_options
 @model_options
-@click.option("--epochs", default=3, show_default=True, help="Epochs with the whole network unfrozen.")
-@click.option("--freeze-epochs", default=1, show_default=True, help="Epochs training the new head only, first.")
+@click.option("--epochs", default="auto", show_default=True,
+              help="Epochs with the whole network unfrozen; auto: enough for 120 steps, at least 2.")
+@click.option("--freeze-epochs", default="auto", show_default=True,
+              help="Epochs training the new head only, first; auto: enough for 60 steps, at least 1.")
 @click.option("--lr", default=None, help="Learning rate: a number, or LOW:HIGH for discriminative rates "
               "(first layers..head) once unfrozen.  [default: auto, from the lr finder]")
 @click.option("--no-augment", is_flag=True, help="Turn off training augmentation.")
@@ -146,7 +158,8 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
     from imgtune.runs import train as run_training
 
     result = run_training(
-        data, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, lr=parse_lr(lr), weights=weights, size=size,
+        data, arch=arch, epochs=parse_epochs(epochs, "--epochs"),
+        freeze_epochs=parse_epochs(freeze_epochs, "--freeze-epochs"), lr=parse_lr(lr), weights=weights, size=size,
         resize=resize, bs=bs, augment=not no_augment, num_workers=num_workers, seed=seed, device=device, out=out,
         overwrite=overwrite, command=shlex.join(["imgtune", *sys.argv[1:]]),
         **_data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify),

@@ -66,11 +66,21 @@ def is_image_file(path: Path) -> bool:
 
 
 def items_from_folder(root: str | Path) -> ItemList:
-    """Items from one subfolder per class, or from ``train/`` and ``valid/`` folders of class subfolders."""
+    """Items from one subfolder per class, or from ``train/`` and ``valid/`` folders of class subfolders.
+
+    ``val/`` and ``validation/`` count as ``valid/``; so does ``test/`` when there is no other
+    validation folder (a common layout). A ``train/`` folder with none of them is an error rather
+    than a class called "train".
+    """
     root = _existing_dir(root)
     subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     train_dir = next((subdirs[n] for n in TRAIN_NAMES if n in subdirs), None)
-    valid_dir = next((subdirs[n] for n in VALID_NAMES if n in subdirs), None)
+    valid_dir = next((subdirs[n] for n in (*VALID_NAMES, "test") if n in subdirs), None)
+    if train_dir and not valid_dir:
+        raise ImgtuneError(
+            f"{root}: has {train_dir.name}/ but no valid/ (or val/, test/) folder; add one, or move the class "
+            f"folders of {train_dir.name}/ up into {root} for a random split"
+        )
     if train_dir and valid_dir:
         items = _class_folders(train_dir, "train") + _class_folders(valid_dir, "valid")
         description = f"{root} (class folders in {train_dir.name}/ and {valid_dir.name}/)"
@@ -141,7 +151,8 @@ def items_from_csv(csv_path: str | Path, root: str | Path | None = None) -> Item
         if "file" not in columns or "label" not in columns:
             raise ImgtuneError(f"{csv_path}: needs a header with columns file,label[,split]; found {columns}")
         items, skipped = [], []
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num  # counts the blank lines DictReader skips, unlike enumerate()
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
             if not row.get("file") or not row.get("label"):
                 raise ImgtuneError(f"{csv_path}:{line}: empty file or label")
@@ -260,11 +271,13 @@ class ImageData:
     ) -> "ImageData":
         """Check the images (unless ``check=False``), split them and fix the class order."""
         items, skipped = list(found.items), list(found.skipped)
+        # Classes come from every item found, so a class whose files are all unreadable fails
+        # validate() with its name instead of silently vanishing from the model.
+        labels = {item.label for item in items}
         if check:
             items, bad = check_images(items, max_pixels=max_pixels)
             skipped += bad
         train, valid = split_items(items, valid_pct=valid_pct, stratify=stratify, seed=seed)
-        labels = {item.label for item in items}
         classes = [c for c in (found.classes or []) if c in labels] + sorted(labels - set(found.classes or []))
         data = cls(classes=classes, train=train, valid=valid, skipped=skipped, description=found.description)
         data.validate()

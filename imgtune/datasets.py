@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import shutil
@@ -142,15 +143,27 @@ def download(url: str, target: Path, *, timeout: float = 10.0, chunk: int = 1 <<
             part.replace(target)
             return
         raise ImgtuneError(f"{url}: download failed (HTTP {error.code})") from None
-    except (urllib.error.URLError, socket.timeout, OSError) as error:
+    except (urllib.error.URLError, socket.timeout, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise ImgtuneError(
             f"cannot download {url} ({reason}); offline, pass --data-dir DIR pointing at a local copy of the images"
         ) from None
     with response:
-        resumed = offset and response.status == 206
-        with open(part, "ab" if resumed else "wb") as out:
-            shutil.copyfileobj(response, out, chunk)
+        resumed = bool(offset) and response.status == 206
+        length = response.headers.get("Content-Length")
+        expected = None if length is None else int(length) + (offset if resumed else 0)
+        try:
+            with open(part, "ab" if resumed else "wb") as out:
+                shutil.copyfileobj(response, out, chunk)
+        except (OSError, http.client.HTTPException) as error:
+            raise ImgtuneError(f"{url}: download interrupted ({error}); run again to resume it") from None
+    # urllib returns a short body without an error when the connection drops; keep the .part file
+    # so that the next run resumes instead of failing the checksum and starting over.
+    received = part.stat().st_size
+    if expected is not None and received < expected:
+        raise ImgtuneError(
+            f"{url}: download interrupted after {received} of {expected} bytes; run again to resume it"
+        )
     part.replace(target)
 
 

@@ -40,6 +40,10 @@ def save_bundle(learner, run_dir: str | Path, *, metrics: dict | None = None) ->
     """Write ``model.safetensors`` and ``model.json`` for ``learner`` into ``run_dir``."""
     from safetensors.torch import save_file
 
+    missing = [k for k in ("timm_name", "size", "mean", "std") if k not in learner.config]
+    if missing:
+        raise ImgtuneError(f"the learner's config lacks {', '.join(missing)}: build it with Learner.from_data, "
+                           "or give Learner(config=...) the image settings a bundle records")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}

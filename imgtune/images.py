@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,8 @@ def load_image(path: str | Path, *, min_size: int | None = None, max_pixels: int
         path: the image file.
         min_size: when given, a JPEG may be decoded at a reduced scale (in the DCT domain, which is
             much faster) as long as both sides stay at least this many pixels.
-        max_pixels: files with more pixels than this are refused before decoding.
+        max_pixels: files with more pixels than this are refused before decoding (PIL itself still
+            refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS``).
 
     Returns:
         A loaded ``PIL.Image.Image`` in mode ``RGB``.
@@ -39,39 +39,39 @@ def load_image(path: str | Path, *, min_size: int | None = None, max_pixels: int
     try:
         if path.stat().st_size == 0:
             raise UnreadableImageError(f"{path}: empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise UnreadableImageError(
-                        f"{path}: {width}x{height} pixels is more than the limit of {max_pixels} "
-                        "(a possible decompression bomb)"
-                    )
-                if min_size and image.format == "JPEG":
-                    image.draft("RGB", (min_size, min_size))
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+        # The pixel limit is checked here, not by turning PIL's DecompressionBombWarning into an error:
+        # warnings.catch_warnings() swaps process-wide state and is not thread-safe, and check_images
+        # calls this from a thread pool, where it left that "error" filter installed after loading.
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise UnreadableImageError(
+                    f"{path}: {width}x{height} pixels is more than the limit of {max_pixels} "
+                    "(a possible decompression bomb)"
+                )
+            if min_size and image.format == "JPEG":
+                image.draft("RGB", (min_size, min_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
     except UnreadableImageError:
         raise
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{path}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImageError(f"{path}: cannot decode ({_first_line(error)})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB without clipping high bit depths or losing transparency."""
     mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode == "P":
-        if "transparency" in image.info:
-            return _composite(image.convert("RGBA"))
-        return image.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _composite(image.convert("RGBA"))
+    # A palette index or a colour key marked transparent (PNG tRNS, GIF) is transparency too.
+    if mode in ("P", "L", "RGB") and "transparency" in image.info:
+        return _composite(image.convert("RGBA"))
+    if mode == "RGB":
+        return image
     if mode.startswith("I") or mode == "F":
         return Image.fromarray(_to_uint8(np.asarray(image), mode), mode="L").convert("RGB")
     return image.convert("RGB")

@@ -26,6 +26,10 @@ from imgtune.errors import ImgtuneError
 from imgtune.models import DEFAULT_ARCH, IMAGENET, create_model, get_backbone, layer_groups
 
 
+#: Optimizer steps the automatic epoch counts of :meth:`Learner.fine_tune` aim for, per phase.
+AUTO_STEPS = {"frozen": 60, "unfrozen": 120}
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch so a CPU run repeats exactly."""
     random.seed(seed)
@@ -64,6 +68,12 @@ class Learner:
     Frozen groups are really frozen: their parameters get no gradient and their BatchNorm layers stay
     in eval mode (running statistics are not updated), so a frozen body computes exactly the same
     features every epoch.
+
+    ``bn_stats`` says what BatchNorm does in unfrozen groups. ``"frozen"`` (the default): the layers
+    keep normalising with their pretrained running statistics while their scale and shift train, so
+    the features the head was trained on do not jump when the body is unfrozen and small batches of
+    a small dataset cannot pull the statistics around. ``"train"``: PyTorch's usual behaviour, batch
+    statistics in training and running statistics updated.
     """
 
     def __init__(
@@ -78,6 +88,7 @@ class Learner:
         device: str | torch.device | None = None,
         mixed_precision: bool | None = None,
         channels_last: bool = True,
+        bn_stats: str = "frozen",
         callbacks: Iterable = (),
         config: dict | None = None,
     ):
@@ -90,9 +101,17 @@ class Learner:
         self.groups = groups if groups is not None else [list(model.parameters())]
         self.loss_func = nn.CrossEntropyLoss()
         self.opt = torch.optim.AdamW([{"params": g} for g in self.groups], lr=1e-3, weight_decay=wd)
-        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        # bfloat16 where the GPU has it (no loss scaling needed), else float16 with a GradScaler.
+        self.amp_dtype = None
+        if mixed_precision and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.history_cb = History()
         self.callbacks = [self.history_cb, *callbacks]
+        if bn_stats not in ("frozen", "train"):
+            raise ValueError(f"bn_stats must be 'frozen' or 'train', not {bn_stats!r}")
+        self.bn_stats = bn_stats
         self.config = dict(config or {})
         self.timings: dict[str, float] = {}
         self.phase, self.epoch, self.epochs, self.step, self.total_steps = "fit", 0, 0, 0, 0
@@ -122,7 +141,7 @@ class Learner:
             data: the images (see :func:`imgtune.load_data`).
             arch: a registry name (``imgtune.REGISTRY``) or any timm model name.
             weights: ``"imagenet"``, ``"none"`` or a path to a weights file.
-            size: image side in pixels (default 224).
+            size: image side in pixels (default: the backbone's, 224 for most).
             resize: ``"crop"``, ``"squish"`` or ``"pad"``.
             bs: batch size per step.
             augment: augment training images (flip, rotate, zoom, lighting).
@@ -133,7 +152,7 @@ class Learner:
             callbacks: more callbacks.
         """
         backbone = get_backbone(arch)
-        size = size or 224
+        size = size or backbone.size
         set_seed(seed)
         model = create_model(arch, len(data.classes), weights=weights)
         mean, std = backbone.mean, backbone.std
@@ -167,11 +186,12 @@ class Learner:
         self.freeze_to(0)
 
     def _train_mode(self) -> None:
+        """Train mode, except BatchNorm layers that keep their running statistics (see ``bn_stats``)."""
         self.model.train()
         for module in self.model.modules():
             if isinstance(module, _BatchNorm):
                 params = list(module.parameters(recurse=False))
-                if params and not any(p.requires_grad for p in params):
+                if self.bn_stats == "frozen" or (params and not any(p.requires_grad for p in params)):
                     module.eval()
 
     # --- training ---------------------------------------------------------------------------------
@@ -183,10 +203,20 @@ class Learner:
                 method(self)
 
     def _autocast(self):
-        if not self.mixed_precision or self.device.type != "cuda":
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _backward_step(self, loss: torch.Tensor) -> None:
+        """Backward and optimizer step; float16 needs its loss scaled so small gradients survive."""
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
 
     def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         xb = xb.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -251,9 +281,7 @@ class Learner:
             lrs, momentum = hyper(self.step / max(1, self.total_steps))
             self._set_hyper(lrs, momentum)
             loss = self._batch_loss(xb, yb)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self._backward_step(loss)
             self.step += 1
             self.loss = loss.item()
             total, count = total + self.loss * len(yb), count + len(yb)
@@ -262,8 +290,8 @@ class Learner:
                 break
         return total / max(1, count)
 
-    def fine_tune(self, epochs: int, base_lr: float | Sequence[float] | None = None, *, freeze_epochs: int = 1,
-                  lr_mult: float = 100.0) -> "Learner":
+    def fine_tune(self, epochs: int | None = None, base_lr: float | Sequence[float] | None = None, *,
+                  freeze_epochs: int | None = None, lr_mult: float = 100.0) -> "Learner":
         """The lesson's recipe.
 
         1. Freeze the body and train the head for ``freeze_epochs`` at ``base_lr`` (one-cycle with a
@@ -273,8 +301,14 @@ class Learner:
 
         ``base_lr=None`` runs :meth:`lr_find` on the frozen model and uses its suggestion. A pair
         ``(low, high)`` gives the unfrozen phase's rates exactly; the frozen phase then trains the
-        head at ``high``.
+        head at ``high``. ``freeze_epochs=None`` means enough epochs for 60 steps (at least 1),
+        ``epochs=None`` enough for 120 steps (at least 2): see :data:`AUTO_STEPS`.
         """
+        per_epoch = len(self.train_dl)
+        if freeze_epochs is None:
+            freeze_epochs = schedule.auto_epochs(per_epoch, min_steps=AUTO_STEPS["frozen"], min_epochs=1)
+        if epochs is None:
+            epochs = schedule.auto_epochs(per_epoch, min_steps=AUTO_STEPS["unfrozen"], min_epochs=2)
         self.freeze()
         if base_lr is None:
             base_lr = self.lr_find().suggested
@@ -302,8 +336,13 @@ class Learner:
         """
         saved_model = copy.deepcopy(self.model.state_dict())
         saved_opt = copy.deepcopy(self.opt.state_dict())
+        saved_scaler = self.scaler.state_dict() if self.scaler is not None else None
         saved_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
         saved_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        # The train loader shuffles with its own generator; without restoring it, the fit after
+        # lr_find would see other batches than a fit without it.
+        loader_rng = getattr(self.train_dl, "generator", None)
+        saved_loader_rng = loader_rng.get_state() if loader_rng is not None else None
         started = time.perf_counter()
         lrs, losses = [], []
         self.phase, self.epochs, self.step, self.total_steps, self.should_stop = "lr_find", 1, 0, num_steps, False
@@ -317,14 +356,12 @@ class Learner:
                 self._set_hyper([lr] * len(self.groups), None)
                 xb, yb = next(batches)
                 loss = self._batch_loss(xb, yb)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
+                self._backward_step(loss)
                 self.step, self.loss = step + 1, loss.item()
                 lrs.append(lr)
                 losses.append(self.loss)
                 self._call("after_batch")
-                smoothed = schedule.smooth_losses(losses)[-1]
+                smoothed = schedule.smooth_losses(losses, beta=0.9)[-1]
                 best = min(best, smoothed)
                 if not math.isfinite(self.loss) or (step > 10 and smoothed > diverge * best):
                     break
@@ -332,11 +369,15 @@ class Learner:
             self._call("after_fit")
             self.model.load_state_dict(saved_model)
             self.opt.load_state_dict(saved_opt)
+            if saved_scaler is not None:
+                self.scaler.load_state_dict(saved_scaler)
             torch.set_rng_state(saved_rng[0])
             random.setstate(saved_rng[1])
             np.random.set_state(saved_rng[2])
             if saved_cuda is not None:
                 torch.cuda.set_rng_state_all(saved_cuda)
+            if saved_loader_rng is not None:
+                loader_rng.set_state(saved_loader_rng)
             self.opt.zero_grad(set_to_none=True)
         self.timings["lr_find"] = self.timings.get("lr_find", 0.0) + time.perf_counter() - started
         finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]

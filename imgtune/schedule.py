@@ -36,6 +36,15 @@ def lr_find_lr(step: int, num_steps: int, *, start_lr: float = 1e-7, end_lr: flo
     return start_lr * (end_lr / start_lr) ** (step / max(1, num_steps - 1))
 
 
+def auto_epochs(steps_per_epoch: int, *, min_steps: int, min_epochs: int = 1, max_epochs: int = 50) -> int:
+    """Enough epochs for at least ``min_steps`` optimizer steps (and ``min_epochs``), at most ``max_epochs``.
+
+    With a large dataset this is ``min_epochs``; with ten images per class an epoch is one or two
+    steps, and a fixed small number of epochs would barely move the weights.
+    """
+    return max(min_epochs, min(max_epochs, math.ceil(min_steps / max(1, steps_per_epoch))))
+
+
 def discriminative_lrs(lr: float | Sequence[float], num_groups: int) -> list[float]:
     """One learning rate per layer group, input side first.
 
@@ -53,33 +62,67 @@ def discriminative_lrs(lr: float | Sequence[float], num_groups: int) -> list[flo
     return [low * ratio**i for i in range(num_groups)]
 
 
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0.98) -> dict[str, float]:
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0.9) -> dict[str, float]:
     """Suggested learning rates from an lr-finder curve.
 
-    The losses are smoothed (exponential moving average with bias correction, like fastai's), and
-    the curve is cut where the smoothed loss first exceeds 4x its minimum. Two rules are reported:
-    ``minimum`` is the rate at the smoothed minimum divided by 10 (the point where the loss is still
-    falling fast but well before it diverges), ``steepest`` the rate where the smoothed loss falls
-    fastest per decade (reported for comparison). ``suggested`` is ``minimum``: on a noisy curve
-    the steepest point can land on a blip, while the minimum is stable.
+    The losses are smoothed without lag (an exponential moving average run forwards then backwards;
+    ``beta=0.9`` averages about 10 steps: a one-way average would shift every suggestion by about 10
+    steps, most of a decade), and the curve is cut where the smoothed loss first exceeds 4x its
+    minimum so far (where the lr finder itself stops).
+    Three rules are computed:
+
+    - ``minimum``: the rate at the smoothed minimum, divided by 10;
+    - ``valley``: the first rate at which the smoothed loss has covered a third of its fall from
+      the starting plateau to the minimum, i.e. well inside the descent;
+    - ``steepest``: the rate where the smoothed loss falls fastest per decade (for reference: on a
+      flat start, noise can make it land far too low).
+
+    ``suggested`` is the smaller of ``valley`` and ``minimum``. With little data the loss can stay
+    near zero over decades of rates (the head memorises the data), which pushes the minimum far too
+    high; the valley stays where the loss is falling.
     """
-    smooth = smooth_losses(losses, beta=beta)
-    if len(smooth) < 3:
+    if len(losses) < 3:
         raise ValueError("the lr finder needs at least 3 points")
-    best = min(smooth)
-    cut = next((i for i, loss in enumerate(smooth) if i > 0 and loss > 4 * best), len(smooth))
-    lrs, smooth = list(lrs[:cut]), smooth[:cut]
+    # Cut where the running (forward) average first exceeds 4x its running minimum, as lr_find
+    # does; the running minimum, not the overall one, or a curve that falls more than 4x would be
+    # cut at its first point. Smoothing without lag comes after the cut, so that the blow-up past
+    # the divergence cannot leak backwards into the minimum.
+    best, cut = math.inf, len(losses)
+    for i, loss in enumerate(smooth_losses(losses, beta=beta)):
+        if loss > 4 * best:
+            cut = i
+            break
+        best = min(best, loss)
+    cut = max(cut, 3)
+    lrs, smooth = list(lrs[:cut]), smooth_losses(losses[:cut], beta=beta, centered=True)
     i_min = min(range(len(smooth)), key=smooth.__getitem__)
     minimum = lrs[i_min] / 10
-    slopes = [(smooth[i + 1] - smooth[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i])) for i in range(len(smooth) - 1)]
+    slopes = [
+        (smooth[i + 1] - smooth[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i])) for i in range(len(smooth) - 1)
+    ]
     steepest = lrs[min(range(len(slopes)), key=slopes.__getitem__)] if slopes else minimum
-    return {"suggested": minimum, "minimum": minimum, "steepest": steepest}
+    head = max(3, len(smooth) // 10)
+    plateau = sorted(smooth[:head])[head // 2]  # the median loss of the first tenth: the starting level
+    valley = minimum
+    if plateau > smooth[i_min]:
+        target = plateau - (plateau - smooth[i_min]) / 3
+        valley = next((lrs[i] for i in range(i_min + 1) if smooth[i] <= target), lrs[i_min])
+    return {"suggested": min(minimum, valley), "minimum": minimum, "valley": valley, "steepest": steepest}
 
 
-def smooth_losses(losses: Sequence[float], *, beta: float = 0.98) -> list[float]:
-    """Exponential moving average of the losses with bias correction."""
+def smooth_losses(losses: Sequence[float], *, beta: float = 0.98, centered: bool = False) -> list[float]:
+    """Exponential moving average of the losses with bias correction.
+
+    ``centered=True`` runs it forwards and then backwards over the result, which removes the lag
+    (for analysing a finished curve; a running check can only use the forward pass).
+    """
+    forward = _ema(losses, beta)
+    return _ema(forward[::-1], beta)[::-1] if centered else forward
+
+
+def _ema(values: Sequence[float], beta: float) -> list[float]:
     out, avg = [], 0.0
-    for i, loss in enumerate(losses, start=1):
-        avg = beta * avg + (1 - beta) * loss
+    for i, value in enumerate(values, start=1):
+        avg = beta * avg + (1 - beta) * value
         out.append(avg / (1 - beta**i))
     return out

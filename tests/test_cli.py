@@ -1,0 +1,193 @@
+"""The CLI through click's test runner: the commands work, and every error is one line with a status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import make_class_folders
+from imgtune.cli import cli, parse_lr
+
+FAST = ["--arch", "test_efficientnet", "--weights", "none", "--size", "32", "--bs", "6", "--num-workers", "0",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("cli")
+    data = make_class_folders(root / "colours")
+    out = root / "run"
+    result = CliRunner().invoke(cli, ["train", str(data), *FAST, "--epochs", "1", "--freeze-epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return data, out, result
+
+
+def one_line_error(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("imgtune: error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_train_writes_the_run_folder(trained):
+    _, out, result = trained
+    for name in ("model.safetensors", "model.json", "metrics.json", "summary.txt", "lr_find.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["valid_accuracy"] <= 1.0
+    assert metrics["error_rate"] == pytest.approx(1 - metrics["valid_accuracy"])
+    assert [h["phase"] for h in metrics["history"]] == ["frozen", "unfrozen"]
+    assert {"lr_find", "frozen", "unfrozen", "total"} <= set(metrics["seconds"])
+    assert metrics["lr"]["suggestion"]["suggested"] > 0
+    assert "validation accuracy" in result.stdout and str(out) in result.stdout
+
+
+def test_train_refuses_to_overwrite_a_run(trained, tmp_path):
+    data, out, _ = trained
+    before = (out / "model.json").read_bytes()
+    result = CliRunner().invoke(cli, ["train", str(data), *FAST, "--epochs", "1", "--freeze-epochs", "1", "--lr", "1e-2", "--out", str(out)])
+    assert "--overwrite" in one_line_error(result, 1)
+    assert (out / "model.json").read_bytes() == before
+
+
+def test_train_with_overwrite_and_discriminative_lr(trained, tmp_path):
+    data, _, _ = trained
+    out = tmp_path / "run2"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    args = ["train", str(data), *FAST, "--epochs", "1", "--freeze-epochs", "0", "--lr", "1e-4:1e-2", "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lr"]["unfrozen"] == [1e-4, 1e-2]
+    assert [h["phase"] for h in metrics["history"]] == ["unfrozen"]
+    assert not (out / "lr_find.png").exists()
+
+
+def test_predict_prints_top_k(trained):
+    data, out, _ = trained
+    image = next((data / "red").iterdir())
+    result = CliRunner().invoke(cli, ["predict", str(out), str(image), "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    line = result.stdout.strip()
+    assert line.startswith(str(image)) and line.count("%") == 3
+    assert all(name in line for name in ("red", "green", "blue"))
+
+
+def test_predict_json(trained):
+    data, out, _ = trained
+    images = [str(p) for p in sorted((data / "blue").iterdir())[:2]]
+    result = CliRunner().invoke(cli, ["predict", str(out), *images, "--json", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["file"] for r in rows] == images
+    for row in rows:
+        probs = [t["probability"] for t in row["top_k"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True)
+
+
+def test_predict_reports_unreadable_images_and_continues(trained, tmp_path):
+    data, out, _ = trained
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    good = next((data / "green").iterdir())
+    result = CliRunner().invoke(cli, ["predict", str(out), str(bad), str(good)])
+    assert result.exit_code == 1
+    assert str(good) in result.stdout
+    assert "broken.jpg" in result.stderr and "Traceback" not in result.output
+
+
+def test_predict_on_a_folder_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path), "x.jpg"])
+    assert "not a model bundle" in one_line_error(result, 1)
+
+
+def test_lr_find_command(trained, tmp_path):
+    data, _, _ = trained
+    png = tmp_path / "curve.png"
+    result = CliRunner().invoke(cli, ["lr-find", str(data), *FAST, "--steps", "30", "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "suggested lr" in result.stdout
+    assert Image.open(png).format == "PNG"
+    again = CliRunner().invoke(cli, ["lr-find", str(data), *FAST, "--steps", "30", "--out", str(png)])
+    assert "--overwrite" in one_line_error(again, 1)
+
+
+def test_datasets_lists_the_catalogue():
+    result = CliRunner().invoke(cli, ["datasets"])
+    assert result.exit_code == 0
+    assert "elpv" in result.stdout and "pets" in result.stdout
+    assert "elpv         available offline  [default]" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find", "predict", "datasets"])
+def test_help_documents_options_and_defaults(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    if command in ("train", "lr-find"):
+        for text in ("--arch", "--label-re", "--valid-pct", "[default: 0.2]", "224", "--weights"):
+            assert text in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["train", "--no-such-option"], 2, "No such option"),
+        (["train", "--lr", "fast"], 2, "LOW:HIGH"),
+        (["train", "--resize", "stretch"], 2, "stretch"),
+        (["predict"], 2, "Missing argument"),
+        (["train", "/no/such/folder"], 1, "no such folder"),
+        (["train", "no-such-dataset-name"], 1, "imgtune datasets"),
+    ],
+)
+def test_errors_are_one_line(args, code, text):
+    assert text in one_line_error(CliRunner().invoke(cli, args), code)
+
+
+def test_one_class_is_an_error(tmp_path):
+    make_class_folders(tmp_path / "one", colours={"red": (200, 0, 0)})
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "one"), *FAST, "--out", str(tmp_path / "r")])
+    assert "at least two classes" in one_line_error(result, 1)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_arch_is_an_error(image_folder, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(image_folder), "--arch", "resnet9000", "--out", str(tmp_path / "r")])
+    assert "unknown --arch" in one_line_error(result, 1)
+
+
+def test_offline_resnet_names_both_ways_out(image_folder, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(image_folder), "--arch", "resnet34", "--out", str(tmp_path / "r")])
+    line = one_line_error(result, 1)
+    assert "--weights" in line and "internet" in line
+
+
+def test_bugs_are_one_line_unless_debug(monkeypatch, image_folder):
+    import imgtune.runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(imgtune.runs, "train", broken)
+    line = one_line_error(CliRunner().invoke(cli, ["train", str(image_folder)]), 1)
+    assert "internal error" in line and "boom" in line
+    debug = CliRunner().invoke(cli, ["--debug", "train", str(image_folder)])
+    assert debug.exit_code == 1 and "Traceback" in debug.stderr
+
+
+def test_parse_lr():
+    assert parse_lr(None) is None and parse_lr("auto") is None
+    assert parse_lr("3e-3") == 3e-3
+    assert parse_lr("1e-6:1e-4") == (1e-6, 1e-4)
+
+
+def test_epochs_auto_or_a_count(trained, tmp_path):
+    data, _, _ = trained
+    result = CliRunner().invoke(cli, ["train", str(data), *FAST, "--epochs", "three", "--out", str(tmp_path / "r")])
+    assert "--epochs" in one_line_error(result, 2)
