@@ -27,7 +27,7 @@ from imgtune.models import DEFAULT_ARCH, IMAGENET, create_model, get_backbone, l
 
 
 #: Optimizer steps the automatic epoch counts of :meth:`Learner.fine_tune` aim for, per phase.
-AUTO_STEPS = {"frozen": 60, "unfrozen": 120}
+AUTO_STEPS = {"frozen": 60, "unfrozen": 80}
 
 
 def set_seed(seed: int) -> None:

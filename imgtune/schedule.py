@@ -72,7 +72,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0
     Three rules are computed:
 
     - ``minimum``: the rate at the smoothed minimum, divided by 10;
-    - ``valley``: the first rate at which the smoothed loss has covered a third of its fall from
+    - ``valley``: the first rate at which the smoothed loss has covered half of its fall from
       the starting plateau to the minimum, i.e. well inside the descent;
     - ``steepest``: the rate where the smoothed loss falls fastest per decade (for reference: on a
       flat start, noise can make it land far too low).
@@ -105,7 +105,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0
     plateau = sorted(smooth[:head])[head // 2]  # the median loss of the first tenth: the starting level
     valley = minimum
     if plateau > smooth[i_min]:
-        target = plateau - (plateau - smooth[i_min]) / 3
+        target = plateau - (plateau - smooth[i_min]) / 2
         valley = next((lrs[i] for i in range(i_min + 1) if smooth[i] <= target), lrs[i_min])
     return {"suggested": min(minimum, valley), "minimum": minimum, "valley": valley, "steepest": steepest}
 
