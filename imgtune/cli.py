@@ -218,7 +218,7 @@ def predict(run_dir, images, top_k, as_json, device):
         except ImgtuneError as error:
             failed += 1
             message = str(error)
-            click.echo(json.dumps({"file": image, "error": message}) if as_json else f"{image}: error: {message}",
+            click.echo(json.dumps({"file": image, "error": message}) if as_json else f"error: {message}",
                        err=not as_json)
             continue
         if as_json:

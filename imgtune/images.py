@@ -37,6 +37,8 @@ def load_image(path: str | Path, *, min_size: int | None = None, max_pixels: int
     """
     path = Path(path)
     try:
+        if not path.is_file():
+            raise UnreadableImageError(f"{path}: no such file")
         if path.stat().st_size == 0:
             raise UnreadableImageError(f"{path}: empty file (0 bytes)")
         # The pixel limit is checked here, not by turning PIL's DecompressionBombWarning into an error:

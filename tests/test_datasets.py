@@ -23,7 +23,8 @@ from imgtune.datasets import download, download_and_extract, load_elpv, load_elp
 from imgtune.errors import ImgtuneError
 from imgtune.images import load_image
 
-PETS_SAMPLE = Path("/work/shared/data/oxford-pets-sample")
+# The project's shared data sits beside the checkout (and beside CI's clone); never inside it.
+PETS_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-pets-sample"
 ELPV_CLASSES = ["functional", "possibly_defective", "likely_defective", "defective"]
 
 
