@@ -8,6 +8,7 @@ from imgtune.datasets import CATALOGUE
 from imgtune.errors import ImgtuneError, UnreadableImageError
 from imgtune.export import Prediction, Predictor
 from imgtune.images import load_image
+from imgtune.interpret import Interpretation, TopLoss
 from imgtune.learner import Learner, LRFinderResult, set_seed
 from imgtune.models import REGISTRY, create_model
 
@@ -18,6 +19,7 @@ __all__ = [
     "History",
     "ImageData",
     "ImgtuneError",
+    "Interpretation",
     "Item",
     "LRFinderResult",
     "Learner",
@@ -26,6 +28,7 @@ __all__ = [
     "Predictor",
     "ProgressCallback",
     "REGISTRY",
+    "TopLoss",
     "UnreadableImageError",
     "__version__",
     "create_model",

@@ -145,10 +145,11 @@ def cli(debug: bool) -> None:
 @click.option("--lr", default=None, help="Learning rate: a number, or LOW:HIGH for discriminative rates "
               "(first layers..head) once unfrozen.  [default: auto, from the lr finder]")
 @click.option("--no-augment", is_flag=True, help="Turn off training augmentation.")
+@click.option("--no-report", is_flag=True, help="Skip report.html (interpretation and figures) at the end.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<data>-<timestamp>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty --out folder.")
 def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, weights, size, resize, bs,
-          num_workers, device, epochs, freeze_epochs, lr, no_augment, out, overwrite):
+          num_workers, device, epochs, freeze_epochs, lr, no_augment, no_report, out, overwrite):
     """Fine-tune a pretrained network on DATA: a folder, a dataset name (see `imgtune datasets`),
     or nothing for the embedded default (elpv solar cells).
 
@@ -161,12 +162,13 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
         data, arch=arch, epochs=parse_epochs(epochs, "--epochs"),
         freeze_epochs=parse_epochs(freeze_epochs, "--freeze-epochs"), lr=parse_lr(lr), weights=weights, size=size,
         resize=resize, bs=bs, augment=not no_augment, num_workers=num_workers, seed=seed, device=device, out=out,
-        overwrite=overwrite, command=shlex.join(["imgtune", *sys.argv[1:]]),
+        overwrite=overwrite, report=not no_report, command=shlex.join(["imgtune", *sys.argv[1:]]),
         **_data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify),
     )
     click.echo((result.run_dir / "summary.txt").read_text().rstrip())
     click.secho(f"validation accuracy {100 * result.metrics['valid_accuracy']:.2f}%", bold=True)
-    click.echo(f"run saved to {result.run_dir} (model.safetensors, model.json, metrics.json, summary.txt)")
+    click.echo(f"run saved to {result.run_dir} (model.safetensors, model.json, metrics.json, summary.txt"
+               f"{', report.html' if not no_report else ''})")
 
 
 @cli.command("lr-find")
@@ -228,6 +230,48 @@ def predict(run_dir, images, top_k, as_json, device):
             click.echo(f"{image}: {ranked}")
     if failed:
         raise ImgtuneError(f"{failed} of {len(images)} images could not be read")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@data_options
+@click.option("--top-k", "k", default=9, show_default=True, help="How many top losses to show.")
+@click.option("--min-count", default=1, show_default=True, help="Smallest count of a confused pair to list.")
+@click.option("--device", default="cpu", show_default=True, help="cuda, mps or cpu.")
+def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, seed, k, min_count, device):
+    """Rebuild RUN_DIR's report.html and print the most confused pairs and the top losses.
+
+    Without DATA it uses the run's own validation set (split.csv); with DATA (any source `train`
+    accepts) it uses that data's validation split, whose classes must be among the model's.
+    """
+    from imgtune.interpret import Interpretation
+    from imgtune.report import write_report
+
+    images = None
+    if data is not None or csv_path is not None:
+        from imgtune.data import load_data
+
+        images = load_data(data, seed=seed, **_data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify))
+    interp = Interpretation.from_run(run_dir, images, device=device)
+    metrics_path = Path(run_dir) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    from imgtune.export import read_meta
+
+    report = write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), k=k)
+    click.echo(f"validation accuracy {100 * interp.accuracy:.2f}% on {len(interp.targets)} images")
+    pairs = interp.most_confused(min_count)
+    click.echo("\nmost confused (actual -> predicted: count)")
+    width = max([len(a) for a, _, _ in pairs] + [6])
+    for actual, predicted, count in pairs[:20]:
+        click.echo(f"  {actual:<{width}} -> {predicted}: {count}")
+    if not pairs:
+        click.echo("  none")
+    click.echo("\ntop losses")
+    click.echo(f"  {'loss':>7}  {'p':>5}  actual / predicted  file")
+    for item in interp.top_losses(k):
+        name = Path(item.path).name if item.path else str(item.index)
+        click.echo(f"  {item.loss:>7.3f}  {item.probability:>5.2f}  {item.actual} / {item.predicted}  {name}")
+    click.echo(f"\nreport written to {report}")
 
 
 @cli.command()

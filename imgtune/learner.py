@@ -23,7 +23,7 @@ from imgtune import schedule
 from imgtune.callbacks import History, ProgressCallback
 from imgtune.data import ImageData
 from imgtune.errors import ImgtuneError
-from imgtune.models import DEFAULT_ARCH, IMAGENET, create_model, get_backbone, layer_groups
+from imgtune.models import DEFAULT_ARCH, IMAGENET, NO_WEIGHTS, create_model, get_backbone, layer_groups
 
 
 #: Optimizer steps the automatic epoch counts of :meth:`Learner.fine_tune` aim for, per phase.
@@ -73,7 +73,8 @@ class Learner:
     keep normalising with their pretrained running statistics while their scale and shift train, so
     the features the head was trained on do not jump when the body is unfrozen and small batches of
     a small dataset cannot pull the statistics around. ``"train"``: PyTorch's usual behaviour, batch
-    statistics in training and running statistics updated.
+    statistics in training and running statistics updated; :meth:`from_data` picks it for a network
+    without pretrained weights (``weights="none"``), whose initial statistics mean nothing.
     """
 
     def __init__(
@@ -153,6 +154,10 @@ class Learner:
         """
         backbone = get_backbone(arch)
         size = size or backbone.size
+        if "bn_stats" not in kwargs:
+            # Pretrained statistics are worth keeping; a randomly initialised network has none yet.
+            no_weights = weights is None or str(weights).lower() == NO_WEIGHTS
+            kwargs["bn_stats"] = "train" if no_weights else "frozen"
         set_seed(seed)
         model = create_model(arch, len(data.classes), weights=weights)
         mean, std = backbone.mean, backbone.std

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import time
@@ -63,6 +64,7 @@ def train(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    report: bool = True,
     command: str = "",
     **data_options,
 ) -> RunResult:
@@ -75,12 +77,15 @@ def train(
             the lr finder for the rate).
         out: the run folder (default ``runs/<data>-<timestamp>``); must be new or empty unless
             ``overwrite``.
+        report: write ``report.html`` (interpretation, figures) into the run folder.
         command: the command line, recorded in ``metrics.json``.
         Other arguments: see :meth:`Learner.from_data`.
 
     Returns:
         A :class:`RunResult`. The folder holds ``model.safetensors``, ``model.json``,
-        ``metrics.json``, ``summary.txt`` and, when the lr finder ran, ``lr_find.png``.
+        ``metrics.json``, ``summary.txt``, ``split.csv`` (the exact split) and, with ``report``,
+        ``report.html`` and its figures (``lr_find.png`` when the lr finder ran, ``training.png``,
+        ``confusion_matrix.png``, ``top_losses.png``, ``samples.png``).
     """
     if (epochs is not None and epochs < 0) or (freeze_epochs is not None and freeze_epochs < 0) or (
         epochs == 0 and freeze_epochs == 0
@@ -100,9 +105,6 @@ def train(
     if lr is None:
         finder = learner.lr_find()
         lr = finder.suggested
-        from imgtune.report import plot_lr_find
-
-        plot_lr_find(finder, run_dir / "lr_find.png")
     learner.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
     final = learner.history[-1]
     seconds = dict(data=data_seconds, **learner.timings)
@@ -124,8 +126,34 @@ def train(
     )
     save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
+    write_split(data, run_dir / SPLIT_FILE)
+    if report:
+        from imgtune.export import read_meta
+        from imgtune.interpret import Interpretation
+        from imgtune.report import write_report
+
+        started_report = time.perf_counter()
+        interp = Interpretation.from_learner(learner)
+        write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir),
+                     train_dataset=learner.train_dl.dataset)
+        metrics["seconds"]["report"] = time.perf_counter() - started_report
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
     (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
     return RunResult(run_dir, learner, metrics)
+
+
+SPLIT_FILE = "split.csv"
+
+
+def write_split(data: ImageData, path: Path) -> None:
+    """The exact train/valid split of a run, as a CSV that ``--csv`` and ``imgtune.load_data`` accept
+    (absolute file paths), so the run's validation set can be rebuilt later."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "label", "split"])
+        for split, items in (("train", data.train), ("valid", data.valid)):
+            for item in items:
+                writer.writerow([str(Path(item.path).resolve()), item.label, split])
 
 
 def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:

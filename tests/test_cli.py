@@ -37,7 +37,7 @@ def one_line_error(result, code: int) -> str:
 
 def test_train_writes_the_run_folder(trained):
     _, out, result = trained
-    for name in ("model.safetensors", "model.json", "metrics.json", "summary.txt", "lr_find.png"):
+    for name in ("model.safetensors", "model.json", "metrics.json", "summary.txt", "lr_find.png", "split.csv"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["valid_accuracy"] <= 1.0
@@ -191,3 +191,13 @@ def test_epochs_auto_or_a_count(trained, tmp_path):
     data, _, _ = trained
     result = CliRunner().invoke(cli, ["train", str(data), *FAST, "--epochs", "three", "--out", str(tmp_path / "r")])
     assert "--epochs" in one_line_error(result, 2)
+
+
+def test_split_csv_rebuilds_the_runs_validation_set(trained):
+    from imgtune import load_data
+
+    data, out, _ = trained
+    again = load_data(csv_path=out / "split.csv")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(again.valid) == metrics["data"]["valid"] and len(again.train) == metrics["data"]["train"]
+    assert all(item.path.is_file() and item.path.is_relative_to(data) for item in again.valid)

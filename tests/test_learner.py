@@ -129,8 +129,15 @@ def test_batchnorm_in_frozen_groups_stays_in_eval_mode_and_keeps_its_statistics(
     assert not all(torch.equal(trainable_before[k], after[k]) for k in after), "trainable BatchNorm did not update"
 
 
-def test_bn_stats_frozen_keeps_running_statistics_while_batchnorm_trains(tiny_learner):
-    assert tiny_learner.bn_stats == "frozen"  # the default
+def test_bn_stats_default_follows_the_weights(tiny_learner, tiny_data, tmp_path):
+    assert tiny_learner.bn_stats == "train"  # random initialisation: no statistics worth keeping
+    path = tmp_path / "pretrained.pth"
+    torch.save(tiny_learner.model.state_dict(), path)
+    assert Learner.from_data(tiny_data, **{**TINY, "weights": str(path)}).bn_stats == "frozen"
+
+
+def test_bn_stats_frozen_keeps_running_statistics_while_batchnorm_trains(tiny_data):
+    tiny_learner = Learner.from_data(tiny_data, **TINY, bn_stats="frozen")
     tiny_learner.unfreeze()
     buffers = {k: v.clone() for k, v in tiny_learner.model.named_buffers()}
     bn = [m for m in tiny_learner.model.modules() if isinstance(m, _BatchNorm)]
@@ -264,7 +271,8 @@ def test_lr_find_stops_early_when_the_loss_diverges(tiny_learner):
 # --- training -------------------------------------------------------------------------------------
 
 
-def test_fine_tune_runs_a_frozen_then_an_unfrozen_phase_and_learns(tiny_learner):
+def test_fine_tune_runs_a_frozen_then_an_unfrozen_phase_and_learns(tiny_data):
+    tiny_learner = Learner.from_data(tiny_data, **TINY, bn_stats="frozen")
     untrained = tiny_learner.validate()
     recorder = Recorder()
     tiny_learner.callbacks.append(recorder)
