@@ -201,3 +201,23 @@ def test_split_csv_rebuilds_the_runs_validation_set(trained):
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(again.valid) == metrics["data"]["valid"] and len(again.train) == metrics["data"]["train"]
     assert all(item.path.is_file() and item.path.is_relative_to(data) for item in again.valid)
+
+
+def test_interpret_rebuilds_the_report_and_prints_tables(trained):
+    _, out, _ = trained
+    (out / "report.html").unlink()
+    result = CliRunner().invoke(cli, ["interpret", str(out), "--top-k", "4"])
+    assert result.exit_code == 0, result.output
+    assert "most confused" in result.stdout and "top losses" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"validation accuracy {100 * metrics['valid_accuracy']:.2f}%" in result.stdout
+    loss_lines = [line for line in result.stdout.split("top losses")[1].splitlines() if ".png" in line]
+    assert len(loss_lines) == 4
+    assert "<h2>Top losses, with Grad-CAM</h2>" in (out / "report.html").read_text()
+
+
+def test_interpret_on_data_with_an_unknown_class_is_an_error(trained, tmp_path):
+    _, out, _ = trained
+    make_class_folders(tmp_path / "other", n=3, colours={"red": (200, 0, 0), "purple": (120, 0, 120)})
+    result = CliRunner().invoke(cli, ["interpret", str(out), str(tmp_path / "other")])
+    assert "purple" in one_line_error(result, 1)
