@@ -202,34 +202,103 @@ def lr_find(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch,
     click.echo(f"curve saved to {path}")
 
 
+PROGRESS_MIN_FILES = 100  # fewer files finish before a progress bar would tell anything
+
+
+def image_files(paths) -> list[Path]:
+    """PATHs as files: a folder gives its image files (recursively, sorted), a file itself."""
+    from imgtune.data import is_image_file
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                raise ImgtuneError(f"{path}: no image files in this folder or below")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", default=3, show_default=True, help="How many classes to show per image.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of text.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Write file,label,probability,top_k,error rows to this CSV instead of printing.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing --csv file.")
+@click.option("--bs", default=32, show_default=True, help="Images per batch.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="onnx: ONNX Runtime on model.onnx (see `imgtune export`); auto: onnx when model.onnx exists.")
 @click.option("--device", default="cpu", show_default=True, help="cuda, mps or cpu.")
-def predict(run_dir, images, top_k, as_json, device):
-    """Classify IMAGES with the model in RUN_DIR (a folder written by `imgtune train`)."""
-    from imgtune.export import Predictor
+def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, device):
+    """Classify IMAGES (files, or folders searched recursively) with the model in RUN_DIR
+    (a folder written by `imgtune train`)."""
+    import csv
 
-    predictor = Predictor.load(run_dir, device=device)
+    from tqdm import tqdm
+
+    from imgtune.export import load_predictor
+
+    if csv_path and Path(csv_path).exists() and not overwrite:
+        raise ImgtuneError(f"{csv_path}: file exists; choose another --csv or pass --overwrite")
+    predictor = load_predictor(run_dir, backend=backend, device=device)
+    files = image_files(images)
+    # A file named on the command line is shown as typed; one found in a folder as found.
+    shown = {Path(p): p for p in images}
+    out = open(csv_path, "w", newline="") if csv_path else None
+    writer = csv.writer(out) if out else None
+    if writer:
+        writer.writerow(["file", "label", "probability", "top_k", "error"])
     failed = 0
-    for image in images:
-        try:
-            top = predictor.predict([image]).top_k(top_k)[0]
-        except ImgtuneError as error:
-            failed += 1
-            message = str(error)
-            click.echo(json.dumps({"file": image, "error": message}) if as_json else f"error: {message}",
-                       err=not as_json)
-            continue
-        if as_json:
-            click.echo(json.dumps({"file": image, "top_k": [{"label": c, "probability": round(p, 6)} for c, p in top]}))
-        else:
-            ranked = "  ".join(f"{c} {100 * p:.1f}%" for c, p in top)
-            click.echo(f"{image}: {ranked}")
+    results = predictor.predict_files(files, bs=bs)
+    try:
+        for path, prediction, error in tqdm(results, total=len(files), unit="image", file=sys.stderr,
+                                            disable=len(files) < PROGRESS_MIN_FILES):
+            name = str(shown.get(path, path))
+            if error is not None:
+                failed += 1
+                if writer:
+                    writer.writerow([name, "", "", "", error])
+                if as_json and not writer:
+                    click.echo(json.dumps({"file": name, "error": error}))
+                else:
+                    click.echo(f"error: {error}", err=True)
+                continue
+            top = prediction.top_k(top_k)[0]
+            if writer:
+                writer.writerow([name, top[0][0], f"{top[0][1]:.6f}", ";".join(f"{c}:{p:.6f}" for c, p in top), ""])
+            elif as_json:
+                click.echo(json.dumps({"file": name, "top_k": [{"label": c, "probability": round(p, 6)} for c, p in top]}))
+            else:
+                ranked = "  ".join(f"{c} {100 * p:.1f}%" for c, p in top)
+                click.echo(f"{name}: {ranked}")
+    finally:
+        if out:
+            out.close()
+    if writer:
+        click.echo(f"{len(files) - failed} predictions written to {csv_path}")
     if failed:
-        raise ImgtuneError(f"{failed} of {len(images)} images could not be read")
+        raise ImgtuneError(f"{failed} of {len(files)} images could not be read")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "export_format", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="The exported model's format.")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset version.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing model.onnx.")
+def export(run_dir, export_format, opset, overwrite):
+    """Write RUN_DIR's model as model.onnx (dynamic batch; input "images", normalised NCHW float32;
+    output "logits") and check that ONNX Runtime's logits match PyTorch's within 1e-4."""
+    from imgtune.export import export_onnx, onnx_max_difference
+
+    path = export_onnx(run_dir, opset=opset, overwrite=overwrite)
+    difference = onnx_max_difference(run_dir, path)
+    click.echo(f"{path}")
+    click.echo(f"max logit difference ONNX Runtime vs PyTorch: {difference:.2e} (batches of 2 and 3)")
 
 
 @cli.command()

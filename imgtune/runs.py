@@ -106,10 +106,25 @@ def train(
         finder = learner.lr_find()
         lr = finder.suggested
     learner.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
-    final = learner.history[-1]
     seconds = dict(data=data_seconds, **learner.timings)
     seconds["total"] = time.perf_counter() - started
-    metrics = dict(
+    metrics = run_metrics(learner, data, finder, seconds, command)
+    save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
+    write_json(run_dir / "metrics.json", metrics)
+    write_split(data, run_dir / SPLIT_FILE)
+    if report:
+        started_report = time.perf_counter()
+        _report(learner, run_dir, metrics)
+        metrics["seconds"]["report"] = time.perf_counter() - started_report
+        write_json(run_dir / "metrics.json", metrics)
+    (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
+    return RunResult(run_dir, learner, metrics)
+
+
+def run_metrics(learner: Learner, data: ImageData, finder, seconds: dict, command: str) -> dict:
+    """What ``metrics.json`` records: final metrics, history, learning rates, timings, data, versions."""
+    final = learner.history[-1]
+    return dict(
         valid_accuracy=final["accuracy"],
         error_rate=final["error_rate"],
         valid_loss=final["valid_loss"],
@@ -124,22 +139,19 @@ def train(
         command=command,
         versions=versions(),
     )
-    save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    write_split(data, run_dir / SPLIT_FILE)
-    if report:
-        from imgtune.export import read_meta
-        from imgtune.interpret import Interpretation
-        from imgtune.report import write_report
 
-        started_report = time.perf_counter()
-        interp = Interpretation.from_learner(learner)
-        write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir),
-                     train_dataset=learner.train_dl.dataset)
-        metrics["seconds"]["report"] = time.perf_counter() - started_report
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-    (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
-    return RunResult(run_dir, learner, metrics)
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, default=float) + "\n")
+
+
+def _report(learner: Learner, run_dir: Path, metrics: dict) -> None:
+    from imgtune.export import read_meta
+    from imgtune.interpret import Interpretation
+    from imgtune.report import write_report
+
+    interp = Interpretation.from_learner(learner)
+    write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), train_dataset=learner.train_dl.dataset)
 
 
 SPLIT_FILE = "split.csv"

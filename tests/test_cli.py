@@ -221,3 +221,83 @@ def test_interpret_on_data_with_an_unknown_class_is_an_error(trained, tmp_path):
     make_class_folders(tmp_path / "other", n=3, colours={"red": (200, 0, 0), "purple": (120, 0, 120)})
     result = CliRunner().invoke(cli, ["interpret", str(out), str(tmp_path / "other")])
     assert "purple" in one_line_error(result, 1)
+
+
+def test_export_then_predict_with_onnx(trained, tmp_path):
+    import shutil
+
+    data, out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    result = CliRunner().invoke(cli, ["export", str(run)])
+    assert result.exit_code == 0, result.output
+    assert str(run / "model.onnx") in result.stdout and "max logit difference" in result.stdout
+    assert "--overwrite" in one_line_error(CliRunner().invoke(cli, ["export", str(run)]), 1)
+    image = str(next((data / "red").iterdir()))
+    onnx = CliRunner().invoke(cli, ["predict", str(run), image, "--backend", "onnx", "--json"])
+    torch = CliRunner().invoke(cli, ["predict", str(run), image, "--backend", "torch", "--json"])
+    assert onnx.exit_code == 0 and torch.exit_code == 0, onnx.output + torch.output
+    onnx_top, torch_top = (json.loads(r.stdout)["top_k"] for r in (onnx, torch))
+    assert [t["label"] for t in onnx_top] == [t["label"] for t in torch_top]
+    assert [t["probability"] for t in onnx_top] == pytest.approx([t["probability"] for t in torch_top], abs=1e-4)
+
+
+def test_predict_onnx_without_export_is_an_error(trained):
+    _, out, _ = trained
+    assert "imgtune export" in one_line_error(CliRunner().invoke(cli, ["predict", str(out), "x.png", "--backend", "onnx"]), 1)
+
+
+def test_predict_a_folder_to_csv(trained, tmp_path):
+    import csv
+
+    data, out, _ = trained
+    table = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(cli, ["predict", str(out), str(data), "--csv", str(table), "--bs", "5", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(table.open()))
+    images = sorted(p for p in data.rglob("*.png"))
+    assert [r["file"] for r in rows] == [str(p) for p in images]
+    for row in rows:
+        assert row["label"] in ("red", "green", "blue") and not row["error"]
+        top = [pair.split(":") for pair in row["top_k"].split(";")]
+        assert len(top) == 2 and top[0] == [row["label"], row["probability"]]
+    assert f"{len(images)} predictions written to {table}" in result.stdout
+
+
+def test_predict_csv_reports_unreadable_files_and_refuses_to_overwrite(trained, tmp_path):
+    import csv
+    from pathlib import Path
+
+    data, out, _ = trained
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_broken.png").write_text("not an image")
+    Image.open(next((data / "blue").iterdir())).save(folder / "b_good.png")
+    table = tmp_path / "predictions.csv"
+    result = CliRunner().invoke(cli, ["predict", str(out), str(folder), "--csv", str(table)])
+    assert result.exit_code == 1
+    assert "1 of 2 images could not be read" in result.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert [Path(r["file"]).name for r in rows] == ["a_broken.png", "b_good.png"]
+    assert "a_broken.png" in rows[0]["error"] and rows[0]["label"] == ""
+    assert rows[1]["label"] == "blue" and rows[1]["error"] == ""
+    before = table.read_bytes()
+    again = CliRunner().invoke(cli, ["predict", str(out), str(folder), "--csv", str(table)])
+    assert "--overwrite" in one_line_error(again, 1)
+    assert table.read_bytes() == before
+    replaced = CliRunner().invoke(cli, ["predict", str(out), str(folder / "b_good.png"), "--csv", str(table), "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert len(list(csv.DictReader(table.open()))) == 1
+
+
+def test_predict_on_an_empty_folder_is_an_error(trained, tmp_path):
+    _, out, _ = trained
+    assert "no image files" in one_line_error(CliRunner().invoke(cli, ["predict", str(out), str(tmp_path)]), 1)
+
+
+def test_export_and_predict_help_document_the_new_options():
+    export = CliRunner().invoke(cli, ["export", "--help"])
+    assert export.exit_code == 0 and "--opset" in export.stdout and "--overwrite" in export.stdout
+    predict = CliRunner().invoke(cli, ["predict", "--help"])
+    for text in ("--csv", "--backend", "--bs", "[default: auto]"):
+        assert text in predict.stdout
