@@ -344,6 +344,33 @@ def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, 
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 makes the demo reachable from other machines.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-bytes", type=click.IntRange(1), default=10_000_000, show_default=True,
+              help="Largest upload accepted (413 above).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Most pixels an image may have, read from its header before decoding (413 above).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True, help="Seconds one prediction may take (504 after).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="What runs the predictions; Grad-CAM always uses PyTorch.")
+def serve(run_dir, host, port, max_bytes, max_pixels, timeout, backend):
+    """Serve a web demo of RUN_DIR's model: a page to upload or photograph an image and see the top
+    classes with the Grad-CAM overlay, and its JSON API (POST /api/predict; schema at /openapi.json)."""
+    from imgtune.serve import create_app
+
+    app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout, backend=backend)
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImgtuneError("the web demo needs uvicorn: pip install 'imgtune[serve]'") from None
+
+    click.echo(f"serving {run_dir} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@cli.command()
 def datasets():
     """List the named datasets and whether each can be used offline right now."""
     from imgtune.datasets import CATALOGUE, DEFAULT
