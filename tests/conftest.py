@@ -59,6 +59,30 @@ def tiny_data(image_folder):
     return load_data(image_folder, valid_pct=0.25, stratify=True, seed=0)
 
 
+def chromium_or_skip(*modules: str) -> str:
+    """Debian's Chromium for a browser test, with Playwright (and ``modules``) importable.
+
+    Skips with the reason when they are missing; fails instead where ``IMGTUNE_REQUIRE_BROWSER`` is set
+    (CI installs the browser, so there a missing one is a broken setup, not a reason to skip).
+    """
+    import importlib
+    import os
+    import shutil
+
+    path = os.environ.get("IMGTUNE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        for module in ("playwright.sync_api", *modules):
+            importlib.import_module(module)
+    except ImportError:
+        path = None
+    if not path:
+        message = "no Chromium and Playwright here (apt-get install chromium; pip install -e '.[dev]')"
+        if os.environ.get("IMGTUNE_REQUIRE_BROWSER"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 TINY = dict(arch="test_efficientnet", weights="none", size=32, bs=6, num_workers=0, progress=False, device="cpu")
 
 

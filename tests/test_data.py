@@ -15,7 +15,6 @@ from imgtune.data import (
     PETS_LABEL_RE,
     ImageData,
     Item,
-    ItemList,
     items_from_csv,
     items_from_folder,
     items_from_name_re,

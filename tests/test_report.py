@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import make_class_folders
+from conftest import chromium_or_skip, make_class_folders
 from imgtune.runs import train
 
 SECTIONS = ["Result", "Data", "Training images as the model sees them", "Learning-rate finder", "Training",
@@ -49,20 +48,6 @@ def test_report_has_every_section(run_dir):
         assert needle not in page, needle
 
 
-def _browser() -> str:
-    path = os.environ.get("IMGTUNE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        path = None
-    if not path:
-        message = "no Chromium and Playwright here (apt-get install chromium; pip install playwright)"
-        if os.environ.get("IMGTUNE_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.mark.parametrize("width, height, name", [(1200, 900, "report-desktop.png"), (390, 844, "report-phone.png")])
 def test_report_in_a_real_browser(run_dir, width, height, name):
     from playwright.sync_api import sync_playwright
@@ -72,7 +57,7 @@ def test_report_in_a_real_browser(run_dir, width, height, name):
     errors, requests = [], []
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=_browser(),
+            executable_path=chromium_or_skip(),
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"],
         )

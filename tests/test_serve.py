@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY, make_class_folders, noisy_image
+from conftest import COLOURS, TINY, chromium_or_skip, make_class_folders, noisy_image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -206,21 +206,6 @@ def test_corrupted_images_never_give_a_server_error(client):
     check()
 
 
-def _browser() -> str:
-    path = os.environ.get("IMGTUNE_BROWSER") or shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        import playwright.sync_api  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        path = None
-    if not path:
-        message = "no Chromium, Playwright and uvicorn here (apt-get install chromium; pip install playwright uvicorn)"
-        if os.environ.get("IMGTUNE_REQUIRE_BROWSER"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 @pytest.fixture
 def server(run_dir):
     """The app served by uvicorn on a free loopback port, in a background thread."""
@@ -243,7 +228,7 @@ def server(run_dir):
 
 
 def test_the_page_in_a_real_browser(server, tmp_path):
-    executable = _browser()
+    executable = chromium_or_skip("uvicorn")
     from playwright.sync_api import sync_playwright
 
     artifacts = Path(os.environ.get("IMGTUNE_ARTIFACTS", tmp_path / "artifacts"))
