@@ -10,4 +10,13 @@ class ImgtuneError(Exception):
 
 
 class UnreadableImageError(ImgtuneError):
-    """An image file that cannot be decoded (empty, truncated, not an image, too many pixels)."""
+    """An image that cannot be decoded.
+
+    ``kind`` says why, for callers that answer differently (the web demo's status codes):
+    ``"missing"``, ``"empty"``, ``"format"`` (not an image, or not an allowed format),
+    ``"pixels"`` (too many: a possible decompression bomb) or ``"decode"`` (truncated or corrupt).
+    """
+
+    def __init__(self, message: str, kind: str = "decode"):
+        super().__init__(message)
+        self.kind = kind

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -17,51 +19,78 @@ BACKGROUND = (255, 255, 255)
 
 
 def load_image(path: str | Path, *, min_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image file as an upright RGB picture.
+    """Open an image file as an upright RGB picture (see :func:`decode_image`).
+
+    Raises:
+        UnreadableImageError: the file is missing, empty, truncated, not an image or too large; the
+            message starts with the file's name.
+    """
+    try:
+        return decode_image(Path(path), min_size=min_size, max_pixels=max_pixels)
+    except UnreadableImageError as error:
+        raise UnreadableImageError(f"{path}: {error}", error.kind) from None
+
+
+def decode_image(
+    source: Path | bytes,
+    *,
+    min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """Decode a file or bytes (an upload) into an upright RGB picture.
 
     EXIF orientation is applied, transparency is composited onto white and every PIL mode
     (L, LA, P, RGBA, CMYK, I;16, I, F, 1, ...) is turned into 8-bit RGB.
 
     Args:
-        path: the image file.
+        source: a file path or the encoded bytes.
         min_size: when given, a JPEG may be decoded at a reduced scale (in the DCT domain, which is
             much faster) as long as both sides stay at least this many pixels.
-        max_pixels: files with more pixels than this are refused before decoding (PIL itself still
-            refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS``).
+        max_pixels: images with more pixels than this are refused from their header, before decoding
+            (PIL itself still refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS``).
+        formats: PIL format names to accept (e.g. ``("JPEG", "PNG")``); ``None`` accepts any.
 
     Returns:
         A loaded ``PIL.Image.Image`` in mode ``RGB``.
 
     Raises:
-        UnreadableImageError: the file is empty, truncated, not an image or too large.
+        UnreadableImageError: with a ``kind`` (see there) and a one-line reason.
     """
-    path = Path(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size, opened = len(source), io.BytesIO(source)
+    else:
+        if not source.is_file():
+            raise UnreadableImageError("no such file", "missing")
+        size, opened = source.stat().st_size, source
+    if size == 0:
+        raise UnreadableImageError("empty file (0 bytes)", "empty")
     try:
-        if not path.is_file():
-            raise UnreadableImageError(f"{path}: no such file")
-        if path.stat().st_size == 0:
-            raise UnreadableImageError(f"{path}: empty file (0 bytes)")
-        # The pixel limit is checked here, not by turning PIL's DecompressionBombWarning into an error:
-        # warnings.catch_warnings() swaps process-wide state and is not thread-safe, and check_images
-        # calls this from a thread pool, where it left that "error" filter installed after loading.
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise UnreadableImageError(
-                    f"{path}: {width}x{height} pixels is more than the limit of {max_pixels} "
-                    "(a possible decompression bomb)"
-                )
+        image = Image.open(opened, formats=formats)
+    except UnidentifiedImageError:
+        allowed = f"not an image in an allowed format ({', '.join(formats)})" if formats else None
+        raise UnreadableImageError(allowed or "not an image file PIL can read", "format") from None
+    except Image.DecompressionBombError as error:
+        raise UnreadableImageError(f"too many pixels ({_first_line(error)})", "pixels") from None
+    except Exception as error:  # a header PIL cannot parse, whatever the decoder raises
+        raise UnreadableImageError(f"cannot decode ({_first_line(error)})") from None
+    # The pixel limit is checked here, not by turning PIL's DecompressionBombWarning into an error:
+    # warnings.catch_warnings() swaps process-wide state and is not thread-safe, and check_images
+    # decodes from a thread pool, where it left that "error" filter installed after loading.
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise UnreadableImageError(
+                f"{width}x{height} pixels is more than the limit of {max_pixels} (a possible decompression bomb)",
+                "pixels",
+            )
+        try:
             if min_size and image.format == "JPEG":
                 image.draft("RGB", (min_size, min_size))
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except UnreadableImageError:
-        raise
-    except UnidentifiedImageError:
-        raise UnreadableImageError(f"{path}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableImageError(f"{path}: cannot decode ({_first_line(error)})") from None
+            return to_rgb(ImageOps.exif_transpose(image))
+        except Exception as error:  # truncated or corrupt data, in whatever way the decoder says so
+            raise UnreadableImageError(f"cannot decode ({_first_line(error)})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

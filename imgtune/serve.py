@@ -26,9 +26,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from imgtune.errors import ImgtuneError
+from imgtune.errors import ImgtuneError, UnreadableImageError
 
 #: The image formats the demo decodes; PIL's other decoders never see an upload.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -45,34 +45,22 @@ class RequestError(Exception):
         self.status, self.detail = status, detail
 
 
+#: The HTTP status for each kind of unreadable upload (see :class:`imgtune.errors.UnreadableImageError`).
+UPLOAD_STATUS = {"empty": 400, "format": 415, "pixels": 413, "decode": 400}
+
+
 def decode_upload(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode uploaded bytes into an upright RGB picture, like :func:`imgtune.images.load_image`.
+    """Decode uploaded bytes into an upright RGB picture, as :func:`imgtune.images.decode_image` does.
 
     Raises:
         RequestError: 400 empty or undecodable, 415 not an allowed format, 413 too many pixels.
     """
-    from imgtune.images import to_rgb
+    from imgtune.images import decode_image
 
-    if not data:
-        raise RequestError(400, "the file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except UnidentifiedImageError:
-        raise RequestError(415, "not an image in an allowed format (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    except Image.DecompressionBombError as error:
-        raise RequestError(413, f"too many pixels ({_first_line(error)})") from None
-    except Exception as error:  # a header PIL cannot parse
-        raise RequestError(400, f"cannot read the image header ({_first_line(error)})") from None
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RequestError(413, f"{width}x{height} pixels is more than the limit of {max_pixels} "
-                                    "(a possible decompression bomb)")
-        try:
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
-        except Exception as error:  # truncated or corrupt data, in whatever way the decoder says so
-            raise RequestError(400, f"cannot decode the {image.format} image ({_first_line(error)})") from None
+        return decode_image(bytes(data), max_pixels=max_pixels, formats=ALLOWED_FORMATS)
+    except UnreadableImageError as error:
+        raise RequestError(UPLOAD_STATUS.get(error.kind, 400), str(error)) from None
 
 
 class Demo:
