@@ -146,11 +146,14 @@ class Interpretation:
             chunks.append(logits.log_softmax(1))
         log_probs = torch.cat(chunks) if chunks else torch.zeros(0, len(predictor.classes))
         losses = F.nll_loss(log_probs, torch.from_numpy(targets), reduction="none")
-        meta = {k: predictor.meta[k] for k in ("size", "mean", "std")}
-        meta["resize"] = predictor.meta.get("resize", "crop")
         return cls(predictor.classes, log_probs.exp().numpy(), targets, losses.numpy(), paths=paths,
-                   model=predictor.model, transform=predictor.transform,
-                   arch=predictor.meta.get("arch") or predictor.meta["timm_name"], meta=meta)
+                   **_model_of(predictor))
+
+    @classmethod
+    def for_model(cls, predictor) -> "Interpretation":
+        """No predictions, only a loaded bundle's model: for :meth:`grad_cam` and :meth:`overlay` on new images."""
+        no_items = np.zeros((0, len(predictor.classes)), dtype=np.float32)
+        return cls(predictor.classes, no_items, np.zeros(0, dtype=np.int64), **_model_of(predictor))
 
     # --- what went wrong --------------------------------------------------------------------------
 
@@ -239,7 +242,7 @@ class Interpretation:
         layer = gradcam_layer(model, self.arch)
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-        x = self._input(image).unsqueeze(0).to(device, memory_format=torch.channels_last)
+        x = self.input_tensor(image).unsqueeze(0).to(device, memory_format=torch.channels_last)
         # The input asks for gradients so the activations have some even when the whole model is frozen.
         x.requires_grad_(True)
         captured = []
@@ -300,14 +303,18 @@ class Interpretation:
 
     def model_view(self, image) -> np.ndarray:
         """``image`` as the model sees it, de-normalised: an ``(H, W, 3)`` uint8 array."""
-        x = self._input(image).detach().float().cpu()
+        x = self.input_tensor(image).detach().float().cpu()
         mean = torch.tensor(self.meta.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.meta.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
         pixels = (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
         return np.rint(pixels * 255).astype(np.uint8)
 
-    def _input(self, image) -> torch.Tensor:
-        """A ``(3, H, W)`` model input from a path, a PIL image, an array or a ready tensor."""
+    def input_tensor(self, image) -> torch.Tensor:
+        """A ``(3, H, W)`` model input from a path, a PIL image, an array or a ready tensor.
+
+        Compute it once and pass it to :meth:`grad_cam`, :meth:`model_view` and :meth:`overlay` to
+        decode and transform an image file only once.
+        """
         if isinstance(image, torch.Tensor):
             if image.dim() != 3:
                 raise ValueError(f"give one (3, H, W) image tensor, not shape {tuple(image.shape)}")
@@ -322,3 +329,11 @@ class Interpretation:
             raise TypeError(f"cannot read an image from {type(image).__name__}; give a path, a PIL image, "
                             "an array or a tensor")
         return self.transform(to_rgb(image))
+
+
+def _model_of(predictor) -> dict:
+    """The Grad-CAM settings of a loaded bundle (a torch ``Predictor``): model, transform, arch, meta."""
+    meta = {k: predictor.meta[k] for k in ("size", "mean", "std")}
+    meta["resize"] = predictor.meta.get("resize", "crop")
+    return dict(model=predictor.model, transform=predictor.transform,
+                arch=predictor.meta.get("arch") or predictor.meta["timm_name"], meta=meta)

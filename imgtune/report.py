@@ -100,11 +100,11 @@ def plot_top_losses(interp, k: int = 9, path: str | Path | None = None, *, colum
     for ax in axes.flat:
         ax.axis("off")
     for n, item in enumerate(items):
-        source = interp.paths[item.index]
-        heatmap = interp.grad_cam(source, interp.classes.index(item.predicted))
+        x = interp.input_tensor(interp.paths[item.index])  # decoded once for all three uses
+        heatmap = interp.grad_cam(x, interp.classes.index(item.predicted))
         left, right = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
-        left.imshow(interp.model_view(source))
-        right.imshow(interp.overlay(source, heatmap))
+        left.imshow(interp.model_view(x))
+        right.imshow(interp.overlay(x, heatmap))
         left.set_title(f"{item.actual} / {item.predicted}", fontsize=8)
         right.set_title(f"loss {item.loss:.2f}, p {item.probability:.2f}", fontsize=8)
     fig.suptitle("top losses: actual / predicted (left), Grad-CAM for the prediction (right)", fontsize=9)

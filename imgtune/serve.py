@@ -25,7 +25,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from imgtune.errors import ImgtuneError, UnreadableImageError
@@ -68,10 +67,12 @@ class Demo:
 
     def __init__(self, run_dir: str | Path, *, backend: str = "auto"):
         from imgtune.export import Predictor, load_predictor
+        from imgtune.interpret import Interpretation
 
         self.run_dir = Path(run_dir)
         self.predictor = load_predictor(self.run_dir, backend=backend)
         self.torch = self.predictor if isinstance(self.predictor, Predictor) else Predictor.load(self.run_dir)
+        self.explainer = Interpretation.for_model(self.torch)
         self.meta = self.predictor.meta
         self.classes = self.predictor.classes
         # Grad-CAM hooks the model's layer; a forward pass of another request meanwhile would be
@@ -101,16 +102,11 @@ class Demo:
                     seconds=time.perf_counter() - started, cam=overlay)
 
     def _cam(self, image: Image.Image, class_index: int) -> str:
-        from imgtune.interpret import Interpretation
-
-        meta = {k: self.meta[k] for k in ("size", "mean", "std")} | {"resize": self.meta.get("resize", "crop")}
-        interp = Interpretation(self.classes, np.zeros((0, len(self.classes))), np.zeros(0, dtype=np.int64),
-                                model=self.torch.model, transform=self.torch.transform,
-                                arch=self.meta.get("arch") or self.meta["timm_name"], meta=meta)
+        x = self.explainer.input_tensor(image)  # transformed once for Grad-CAM and the overlay
         with self.lock:
-            heatmap = interp.grad_cam(image, class_index)
+            heatmap = self.explainer.grad_cam(x, class_index)
         buffer = io.BytesIO()
-        interp.overlay(image, heatmap).save(buffer, format="PNG")
+        self.explainer.overlay(x, heatmap).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
