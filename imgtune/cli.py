@@ -293,10 +293,9 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
 def export(run_dir, export_format, opset, overwrite):
     """Write RUN_DIR's model as model.onnx (dynamic batch; input "images", normalised NCHW float32;
     output "logits") and check that ONNX Runtime's logits match PyTorch's within 1e-4."""
-    from imgtune.export import export_onnx, onnx_max_difference
+    from imgtune.export import write_onnx
 
-    path = export_onnx(run_dir, opset=opset, overwrite=overwrite)
-    difference = onnx_max_difference(run_dir, path)
+    path, difference = write_onnx(run_dir, opset=opset, overwrite=overwrite)
     click.echo(f"{path}")
     click.echo(f"max logit difference ONNX Runtime vs PyTorch: {difference:.2e} (batches of 2 and 3)")
 

@@ -272,6 +272,12 @@ def _weights_sha256(run_dir: Path) -> str:
 
 def export_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None = None,
                 overwrite: bool = False) -> Path:
+    """Write the bundle's model as ONNX and check it against PyTorch; see :func:`write_onnx`."""
+    return write_onnx(run_dir, opset=opset, path=path, overwrite=overwrite)[0]
+
+
+def write_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None = None,
+               overwrite: bool = False) -> tuple[Path, float]:
     """Write the bundle's model as ONNX and check it against PyTorch.
 
     The graph takes ``images`` (N x 3 x size x size float32, already normalised with the bundle's
@@ -285,7 +291,8 @@ def export_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None
         overwrite: replace an existing file.
 
     Returns:
-        The path of the ONNX file.
+        The path of the ONNX file and the largest logit difference measured (see
+        :func:`onnx_max_difference`).
 
     Raises:
         ImgtuneError: the file exists, onnx/onnxruntime is missing, or ONNX Runtime's logits differ
@@ -320,7 +327,7 @@ def export_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None
         path.unlink()
         raise ImgtuneError(f"ONNX Runtime's logits differ from PyTorch's by {difference:.2g} "
                            f"(more than {ONNX_TOLERANCE:g}); try another --opset")
-    return path
+    return path, difference
 
 
 def onnx_max_difference(run_dir: str | Path, path: str | Path | None = None, *, batch_sizes: Sequence[int] = (2, 3),
