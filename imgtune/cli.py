@@ -16,6 +16,7 @@ import click
 
 from imgtune import __version__
 from imgtune.errors import ImgtuneError
+from imgtune.learner import AUTO_STEPS
 
 EPILOG_TRAIN = """\b
 Examples:
@@ -90,7 +91,7 @@ def model_options(function):
     return function
 
 
-def _data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify) -> dict:
+def _data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify) -> dict:
     return dict(label_re=label_re, csv_path=csv_path, data_dir=data_dir, valid_pct=valid_pct, stratify=stratify)
 
 
@@ -139,9 +140,11 @@ def cli(debug: bool) -> None:
 @data_options
 @model_options
 @click.option("--epochs", default="auto", show_default=True,
-              help="Epochs with the whole network unfrozen; auto: enough for 120 steps, at least 2.")
+              help=f"Epochs with the whole network unfrozen; auto: enough for {AUTO_STEPS['unfrozen']} steps, "
+              "at least 2.")
 @click.option("--freeze-epochs", default="auto", show_default=True,
-              help="Epochs training the new head only, first; auto: enough for 60 steps, at least 1.")
+              help=f"Epochs training the new head only, first; auto: enough for {AUTO_STEPS['frozen']} steps, "
+              "at least 1.")
 @click.option("--lr", default=None, help="Learning rate: a number, or LOW:HIGH for discriminative rates "
               "(first layers..head) once unfrozen.  [default: auto, from the lr finder]")
 @click.option("--no-augment", is_flag=True, help="Turn off training augmentation.")
@@ -163,7 +166,7 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
         freeze_epochs=parse_epochs(freeze_epochs, "--freeze-epochs"), lr=parse_lr(lr), weights=weights, size=size,
         resize=resize, bs=bs, augment=not no_augment, num_workers=num_workers, seed=seed, device=device, out=out,
         overwrite=overwrite, report=not no_report, command=shlex.join(["imgtune", *sys.argv[1:]]),
-        **_data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify),
+        **_data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify),
     )
     click.echo((result.run_dir / "summary.txt").read_text().rstrip())
     click.secho(f"validation accuracy {100 * result.metrics['valid_accuracy']:.2f}%", bold=True)
@@ -186,10 +189,11 @@ def lr_find(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch,
     from imgtune.report import plot_lr_find
     from imgtune.runs import default_run_dir
 
-    path = Path(out) if out else default_run_dir(data).with_name(f"lr_find-{default_run_dir(data).name}.png")
+    default = default_run_dir(data)
+    path = Path(out) if out else default.with_name(f"lr_find-{default.name}.png")
     if path.exists() and not overwrite:
         raise ImgtuneError(f"{path}: file exists; choose another --out or pass --overwrite")
-    images = load_data(data, seed=seed, **_data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify))
+    images = load_data(data, seed=seed, **_data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify))
     learner = Learner.from_data(images, arch, weights=weights, size=size, resize=resize, bs=bs,
                                 num_workers=num_workers, seed=seed, device=device)
     if unfrozen:
@@ -312,6 +316,7 @@ def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, 
     Without DATA it uses the run's own validation set (split.csv); with DATA (any source `train`
     accepts) it uses that data's validation split, whose classes must be among the model's.
     """
+    from imgtune.export import read_meta
     from imgtune.interpret import Interpretation
     from imgtune.report import write_report
 
@@ -319,12 +324,10 @@ def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, 
     if data is not None or csv_path is not None:
         from imgtune.data import load_data
 
-        images = load_data(data, seed=seed, **_data_kwargs(data, label_re, csv_path, data_dir, valid_pct, stratify))
+        images = load_data(data, seed=seed, **_data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify))
     interp = Interpretation.from_run(run_dir, images, device=device)
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    from imgtune.export import read_meta
-
     report = write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), k=k)
     click.echo(f"validation accuracy {100 * interp.accuracy:.2f}% on {len(interp.targets)} images")
     pairs = interp.most_confused(min_count)

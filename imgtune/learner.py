@@ -306,8 +306,8 @@ class Learner:
 
         ``base_lr=None`` runs :meth:`lr_find` on the frozen model and uses its suggestion. A pair
         ``(low, high)`` gives the unfrozen phase's rates exactly; the frozen phase then trains the
-        head at ``high``. ``freeze_epochs=None`` means enough epochs for 60 steps (at least 1),
-        ``epochs=None`` enough for 120 steps (at least 2): see :data:`AUTO_STEPS`.
+        head at ``high``. ``freeze_epochs=None`` and ``epochs=None`` mean enough epochs for the
+        optimizer steps :data:`AUTO_STEPS` gives each phase (at least 1 frozen, 2 unfrozen).
         """
         per_epoch = len(self.train_dl)
         if freeze_epochs is None:
@@ -366,7 +366,7 @@ class Learner:
                 lrs.append(lr)
                 losses.append(self.loss)
                 self._call("after_batch")
-                smoothed = schedule.smooth_losses(losses, beta=0.9)[-1]
+                smoothed = schedule.smooth_losses(losses, beta=schedule.LR_FIND_BETA)[-1]
                 best = min(best, smoothed)
                 if not math.isfinite(self.loss) or (step > 10 and smoothed > diverge * best):
                     break

@@ -30,9 +30,9 @@ def _save(fig, path: str | Path | None) -> bytes:
 
 def plot_lr_find(result, path: str | Path | None = None) -> bytes:
     """The lr-finder curve (raw and smoothed loss against a log-scale learning rate), suggestion marked."""
-    from imgtune.schedule import smooth_losses
+    from imgtune.schedule import LR_FIND_BETA, smooth_losses
 
-    smooth = smooth_losses(result.losses, beta=0.9, centered=True)
+    smooth = smooth_losses(result.losses, beta=LR_FIND_BETA, centered=True)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=1, label="loss")
     ax.plot(result.lrs, smooth, color="C0", linewidth=2, label="smoothed")

@@ -9,6 +9,10 @@ import math
 from typing import Sequence
 
 
+#: Smoothing of the lr-finder curve: averages about the last 10 of its ~100 steps.
+LR_FIND_BETA = 0.9
+
+
 def cosine(start: float, end: float, pct: float) -> float:
     """Anneal from ``start`` to ``end`` along half a cosine as ``pct`` goes 0 -> 1."""
     return end + (start - end) / 2 * (1 + math.cos(math.pi * pct))
@@ -62,7 +66,7 @@ def discriminative_lrs(lr: float | Sequence[float], num_groups: int) -> list[flo
     return [low * ratio**i for i in range(num_groups)]
 
 
-def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = 0.9) -> dict[str, float]:
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = LR_FIND_BETA) -> dict[str, float]:
     """Suggested learning rates from an lr-finder curve.
 
     The losses are smoothed without lag (an exponential moving average run forwards then backwards;
