@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from imgtune import distributed
+
 
 class History:
     """Records one dict of metrics per epoch (the learner always has one, as ``learner.history``)."""
@@ -54,6 +56,7 @@ class ProgressCallback:
 
     def before_fit(self, learner) -> None:
         use_bar = _interactive(self._out) if self.bar is None else self.bar
+        use_bar = use_bar and distributed.is_main()  # under torchrun only rank 0 reports
         self._start = self._last_print = time.monotonic()
         if use_bar:
             from tqdm.auto import tqdm
@@ -88,7 +91,29 @@ class ProgressCallback:
             self._pbar.close()
             self._pbar = None
 
+    def on_features(self, learner, done: int, total: int) -> None:
+        """Backbone features being computed for the frozen phase: ``done`` of ``total`` images."""
+        if done == 0:
+            self._start = self._last_print = time.monotonic()
+            if _interactive(self._out) if self.bar is None else self.bar:
+                from tqdm.auto import tqdm
+
+                self._pbar = tqdm(total=total, desc="features", unit="img", file=self._out, leave=False,
+                                  dynamic_ncols=True)
+            else:
+                self._write(f"features: {total} images (computed once, then cached)")
+        if self._pbar is not None:
+            self._pbar.update(done - self._pbar.n)
+        elif 0 < done < total and time.monotonic() - self._last_print >= self.interval:
+            self._last_print = time.monotonic()
+            self._write(f"features: {done}/{total} images {time.monotonic() - self._start:.0f}s")
+        if done >= total:
+            self.after_fit(learner)
+            self._write(f"features: {total} images in {time.monotonic() - self._start:.1f}s")
+
     def _write(self, line: str) -> None:
+        if not distributed.is_main():
+            return
         if self._pbar is not None:
             self._pbar.write(line, file=self._out)
         else:
@@ -127,7 +152,7 @@ class CheckpointCallback:
     def after_epoch(self, learner) -> None:
         value = learner.epoch_metrics[self.monitor]
         score = value if self.lower_is_better else -value
-        if score < self.best:
+        if score < self.best and distributed.is_main():  # every process has the same weights; one writes
             from safetensors.torch import save_file
 
             self.best = score

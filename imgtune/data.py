@@ -8,6 +8,7 @@ from :mod:`imgtune.datasets`. The data folder is only ever read.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from collections import Counter
@@ -19,8 +20,11 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from PIL import Image
 from torchvision.transforms import v2
 
+from imgtune import distributed
+from imgtune.cache import ArrayStore, cache_root, file_key
 from imgtune.errors import ImgtuneError, UnreadableImageError
 from imgtune.images import MAX_PIXELS, load_image
 
@@ -36,11 +40,13 @@ VALID_NAMES = ("valid", "val", "validation")
 
 @dataclass(frozen=True)
 class Item:
-    """One labelled image. ``split`` is ``"train"``, ``"valid"`` or ``None`` when the data gives none."""
+    """One labelled image. ``split`` is ``"train"``, ``"valid"`` or ``None`` when the data gives none;
+    ``group`` names its source (e.g. the session an image was drawn from), kept on one side of a split."""
 
     path: Path
     label: str
     split: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,8 @@ def items_from_name_re(root: str | Path, label_re: str) -> ItemList:
 
 
 def items_from_csv(csv_path: str | Path, root: str | Path | None = None) -> ItemList:
-    """Items from a CSV with columns ``file,label`` and optionally ``split`` (train or valid).
+    """Items from a CSV with columns ``file,label`` and optionally ``split`` (train or valid) and
+    ``group`` (rows of one group stay on one side of a random split, as in ``imgtune render``'s manifest).
 
     ``file`` is relative to ``root``, which defaults to the CSV's folder.
     """
@@ -161,7 +168,7 @@ def items_from_csv(csv_path: str | Path, root: str | Path | None = None) -> Item
             if not path.is_file():
                 skipped.append(Skipped(path, f"listed in {csv_path.name} line {line} but not found"))
                 continue
-            items.append(Item(path, row["label"], split))
+            items.append(Item(path, row["label"], split, row.get("group") or None))
     if not items:
         raise ImgtuneError(f"{csv_path}: no rows name an existing image file")
     return ItemList(items=items, skipped=skipped, description=f"{csv_path} (CSV)")
@@ -188,13 +195,26 @@ def _existing_dir(root: str | Path) -> Path:
 
 
 def check_images(
-    items: Sequence[Item], *, min_size: int | None = None, max_pixels: int = MAX_PIXELS, workers: int | None = None
+    items: Sequence[Item],
+    *,
+    min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    workers: int | None = None,
+    view: "ImageView | None" = None,
 ) -> tuple[list[Item], list[Skipped]]:
-    """Decode every image once; return the readable items and the skipped files with reasons."""
+    """Decode every image once; return the readable items and the skipped files with reasons.
+
+    With a cached ``view``, a file whose presized picture is already in the cache counts as readable
+    without decoding it again, and every file decoded here is presized and stored, so training and
+    later runs read the small cached picture instead of decoding the original.
+    """
 
     def check(item: Item) -> str | None:
         try:
-            load_image(item.path, min_size=min_size, max_pixels=max_pixels)
+            if view is not None:
+                view.ensure(item.path, max_pixels=max_pixels)
+            else:
+                load_image(item.path, min_size=min_size, max_pixels=max_pixels)
         except UnreadableImageError as error:
             return str(error).removeprefix(f"{item.path}: ")
         return None
@@ -215,6 +235,8 @@ def split_items(
     If every item carries a split (class folders under train/valid, or a CSV split column), that
     split is kept. Otherwise a seeded random ``valid_pct`` goes to valid; with ``stratify`` each class
     contributes ``valid_pct`` of its own items (rounded, and at least one each side when it has two).
+    When items carry a ``group``, whole groups go to one side, ``valid_pct`` of each class's groups
+    (a group's class is its most common label; an item without a group is a group of its own).
     """
     given = [item.split for item in items]
     if all(split is not None for split in given):
@@ -223,6 +245,8 @@ def split_items(
         raise ImgtuneError("some items have a train/valid split and some do not; give it for all or none")
     if not 0.0 < valid_pct < 1.0:
         raise ImgtuneError(f"--valid-pct must be between 0 and 1 (exclusive), not {valid_pct}")
+    if any(item.group is not None for item in items):
+        return _split_groups(items, valid_pct=valid_pct, seed=seed)
     rng = np.random.default_rng(seed)
     if not stratify:
         order = rng.permutation(len(items))
@@ -243,6 +267,29 @@ def split_items(
     train = [item for i, item in enumerate(items) if i not in valid_idx]
     valid = [item for i, item in enumerate(items) if i in valid_idx]
     return train, valid
+
+
+def _split_groups(items: Sequence[Item], *, valid_pct: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """Whole groups to valid: ``valid_pct`` of each class's groups, at least one each side when it has two."""
+    members: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        members.setdefault(item.group if item.group is not None else f"\0{item.path}", []).append(index)
+    by_class: dict[str, list[str]] = {}
+    for group, indices in members.items():
+        label = Counter(items[i].label for i in indices).most_common(1)[0][0]
+        by_class.setdefault(label, []).append(group)
+    rng = np.random.default_rng(seed)
+    valid_groups = set()
+    for label in sorted(by_class):
+        groups = sorted(by_class[label])
+        order = rng.permutation(len(groups))
+        n_valid = int(round(valid_pct * len(groups)))
+        if len(groups) >= 2:
+            n_valid = min(max(n_valid, 1), len(groups) - 1)
+        valid_groups.update(groups[i] for i in order[:n_valid])
+    in_valid = {i for group in valid_groups for i in members[group]}
+    return ([item for i, item in enumerate(items) if i not in in_valid],
+            [item for i, item in enumerate(items) if i in in_valid])
 
 
 @dataclass
@@ -268,14 +315,16 @@ class ImageData:
         seed: int = 42,
         check: bool = True,
         max_pixels: int = MAX_PIXELS,
+        view: "ImageView | None" = None,
     ) -> "ImageData":
-        """Check the images (unless ``check=False``), split them and fix the class order."""
+        """Check the images (unless ``check=False``; through the presize cache of ``view`` when given),
+        split them and fix the class order."""
         items, skipped = list(found.items), list(found.skipped)
         # Classes come from every item found, so a class whose files are all unreadable fails
         # validate() with its name instead of silently vanishing from the model.
         labels = {item.label for item in items}
         if check:
-            items, bad = check_images(items, max_pixels=max_pixels)
+            items, bad = check_images(items, max_pixels=max_pixels, view=view)
             skipped += bad
         train, valid = split_items(items, valid_pct=valid_pct, stratify=stratify, seed=seed)
         classes = [c for c in (found.classes or []) if c in labels] + sorted(labels - set(found.classes or []))
@@ -315,12 +364,21 @@ class ImageData:
             lines.append(f"  ... and {len(self.skipped) - 10} more skipped files (listed in metrics.json)")
         return "\n".join(lines)
 
-    def datasets(self, *, size: int, resize: str, mean, std, augment: bool = True) -> tuple["ImageDataset", "ImageDataset"]:
+    def datasets(
+        self, *, size: int, resize: str, mean, std, augment: bool = True, cache: bool = False, cache_dir=None
+    ) -> tuple["ImageDataset", "ImageDataset"]:
+        """Train and valid datasets. With ``cache``, each image is decoded and presized once and the
+        picture kept on disk (see :class:`ImageView`), so later epochs and runs skip the decoding."""
         index = {c: i for i, c in enumerate(self.classes)}
-        train_tf = train_transform(size, resize, mean, std) if augment else valid_transform(size, resize, mean, std)
+        store = cache_dir if cache else False
+        valid_view = ImageView(size, resize, cache_dir=store)
+        if augment:
+            train_view, train_tf = ImageView(size, resize, kind="train", cache_dir=store), train_transform(size, resize, mean, std)
+        else:
+            train_view, train_tf = valid_view, tensor_transform(mean, std)
         return (
-            ImageDataset(self.train, index, train_tf, size),
-            ImageDataset(self.valid, index, valid_transform(size, resize, mean, std), size),
+            ImageDataset(self.train, index, train_tf, train_view),
+            ImageDataset(self.valid, index, tensor_transform(mean, std), valid_view),
         )
 
     def loaders(
@@ -335,23 +393,50 @@ class ImageData:
         num_workers: int | None = None,
         seed: int = 42,
         pin_memory: bool = False,
+        cache: bool = False,
+        cache_dir=None,
+        shard: tuple[int, int] | None | str = "auto",
     ) -> tuple[DataLoader, DataLoader]:
-        """Train and valid loaders. The train loader shuffles with a seeded generator."""
-        train_ds, valid_ds = self.datasets(size=size, resize=resize, mean=mean, std=std, augment=augment)
+        """Train and valid loaders. The train loader shuffles with a seeded generator; ``cache`` and
+        ``cache_dir`` as in :meth:`datasets`.
+
+        ``shard=(rank, world_size)`` gives one process of several its part of both (see
+        :func:`imgtune.distributed.shard_samplers`); ``"auto"`` takes it from torch.distributed when
+        a process group is initialised (torchrun), ``None`` loads everything."""
+        train_ds, valid_ds = self.datasets(size=size, resize=resize, mean=mean, std=std, augment=augment,
+                                           cache=cache, cache_dir=cache_dir)
         workers = default_num_workers() if num_workers is None else num_workers
         common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
         generator = torch.Generator().manual_seed(seed)
+        shard = distributed.current_shard() if shard == "auto" else shard
+        train_sampler, valid_sampler = (None, None) if shard is None else distributed.shard_samplers(
+            train_ds, len(valid_ds), *shard, seed=seed)
+        n_train = len(train_sampler) if train_sampler is not None else len(train_ds)
         train_dl = DataLoader(
-            train_ds, batch_size=bs, shuffle=True, drop_last=len(train_ds) > bs, generator=generator,
-            worker_init_fn=_seed_worker, **common,
+            train_ds, batch_size=bs, shuffle=train_sampler is None, sampler=train_sampler, drop_last=n_train > bs,
+            generator=generator, worker_init_fn=_seed_worker, **common,
         )
-        valid_dl = DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, **common)
+        valid_dl = DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, sampler=valid_sampler, **common)
         return train_dl, valid_dl
+
+
+def usable_cores(cgroup_cpu_max: str | Path = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPU cores this process may really use: its affinity mask, capped by a cgroup CPU quota (a
+    container limited to 2 CPUs on a 64-core host sees 64 in ``os.cpu_count()``, and PyTorch would
+    start 32 threads that fight over 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
 
 
 def default_num_workers() -> int:
     """Loader processes: one per core, at most 8; none on a single core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     return 0 if cores < 2 else min(cores, 8)
 
 
@@ -364,21 +449,95 @@ def _seed_worker(worker_id: int) -> None:
 
 
 class ImageDataset(Dataset):
-    """Items as (image tensor, class index) pairs."""
+    """Items as (image tensor, class index) pairs: ``view`` loads the presized picture, ``transform``
+    augments it (training) and turns it into a normalised tensor."""
 
-    def __init__(self, items: Sequence[Item], class_index: dict[str, int], transform, size: int):
+    def __init__(self, items: Sequence[Item], class_index: dict[str, int], transform, view: "ImageView"):
         self.items = list(items)
         self.class_index = class_index
         self.transform = transform
-        self.size = size
+        self.view = view
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         item = self.items[index]
-        image = load_image(item.path, min_size=self.size)
-        return self.transform(image), self.class_index[item.label]
+        return self.transform(self.view(item.path)), self.class_index[item.label]
+
+
+#: The training view keeps this much more than the training size, so random crops stay sharp.
+TRAIN_PRESIZE = 1.25
+
+
+class ImageView:
+    """How a file becomes the picture the transforms start from, decoded and resized once.
+
+    ``kind="valid"``: exactly what the deterministic resize of ``resize`` gives (``size`` x ``size``),
+    so a cached picture gives bit-identical tensors to decoding the file. ``kind="train"``: the image
+    shrunk so its shorter side is ``TRAIN_PRESIZE * size`` (never enlarged), the start of the random
+    crops of augmentation. JPEGs are decoded at a reduced scale (in the DCT domain) while both sides
+    stay at least the size needed.
+
+    ``cache_dir``: ``False`` decodes every time; ``None`` keeps pictures in the default cache folder;
+    a path keeps them there (see :mod:`imgtune.cache`).
+    """
+
+    def __init__(self, size: int, resize: str = "crop", *, kind: str = "valid", cache_dir=None):
+        if kind not in ("valid", "train"):
+            raise ValueError(f"kind must be 'valid' or 'train', not {kind!r}")
+        self.size, self.resize, self.kind = size, resize, kind
+        self.min_side = size if kind == "valid" else math.ceil(TRAIN_PRESIZE * size)
+        self.resizer = v2.Compose(_resize(size, resize)) if kind == "valid" else None
+        self.name = f"{kind}-{size}-{resize}" if kind == "valid" else f"train-{self.min_side}"
+        self.store = None if cache_dir is False else ArrayStore(cache_root(cache_dir) / "presized" / self.name)
+
+    def __call__(self, path: str | Path) -> Image.Image:
+        """The presized picture of the file at ``path`` (from the cache when there)."""
+        if self.store is not None:
+            key = file_key(path)
+            cached = self.store.get(key)
+            if cached is not None:
+                return _from_array(cached)
+            picture = self.make(load_image(path, min_size=self.min_side))
+            self.store.put(key, _to_array(picture))
+            return picture
+        return self.make(load_image(path, min_size=self.min_side))
+
+    def ensure(self, path: str | Path, *, max_pixels: int = MAX_PIXELS) -> None:
+        """Make sure the file's picture is cached, decoding it only if it is not (raises
+        :class:`UnreadableImageError` for a bad file)."""
+        if self.store is None:
+            load_image(path, min_size=self.min_side, max_pixels=max_pixels)
+            return
+        try:
+            key = file_key(path)
+        except OSError:
+            raise UnreadableImageError(f"{path}: no such file", "missing") from None
+        if key not in self.store:
+            self.store.put(key, _to_array(self.make(load_image(path, min_size=self.min_side, max_pixels=max_pixels))))
+
+    def make(self, image: Image.Image) -> Image.Image:
+        if self.resizer is not None:
+            return self.resizer(image)
+        short = min(image.size)
+        if short <= self.min_side:
+            return image
+        return v2.functional.resize(image, [self.min_side], antialias=True)
+
+
+def _to_array(picture: Image.Image) -> np.ndarray:
+    """H x W x 3, or H x W x 1 for a grey picture (a third of the disk)."""
+    array = np.asarray(picture)
+    if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+        return array[..., :1]
+    return array
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.shape[-1] == 1:
+        return Image.fromarray(array[..., 0], mode="L").convert("RGB")
+    return Image.fromarray(array, mode="RGB")
 
 
 class ResizeToFit:
@@ -406,6 +565,11 @@ def _resize(size: int, resize: str) -> list:
 
 def _to_tensor(mean, std) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def tensor_transform(mean, std) -> v2.Compose:
+    """A picture (already presized, see :class:`ImageView`) to a normalised float tensor."""
+    return v2.Compose(_to_tensor(mean, std))
 
 
 def valid_transform(size: int, resize: str, mean, std) -> v2.Compose:
@@ -460,6 +624,7 @@ def load_data(
     stratify: bool = False,
     seed: int = 42,
     check: bool = True,
+    view: ImageView | None = None,
 ) -> ImageData:
     """Find, check and split labelled images from any source imgtune accepts.
 
@@ -473,9 +638,11 @@ def load_data(
         stratify: hold out ``valid_pct`` of each class.
         seed: seeds the split.
         check: decode every image first and skip unreadable ones.
+        view: check through this :class:`ImageView`'s presize cache: files already cached are not
+            decoded again, and files decoded are presized and cached for training.
 
     Returns:
         An :class:`ImageData`.
     """
     found = find_items(source, label_re=label_re, csv_path=csv_path, data_dir=data_dir)
-    return ImageData.from_items(found, valid_pct=valid_pct, stratify=stratify, seed=seed, check=check)
+    return ImageData.from_items(found, valid_pct=valid_pct, stratify=stratify, seed=seed, check=check, view=view)

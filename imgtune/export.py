@@ -263,7 +263,7 @@ def _import_onnx(name: str):
     try:
         return __import__(name)
     except ImportError:
-        raise ImgtuneError(f"ONNX needs the {name} package: pip install 'imgtune[onnx]'") from None
+        raise ImgtuneError(f"ONNX needs the {name} package (an imgtune dependency): pip install {name}") from None
 
 
 def _weights_sha256(run_dir: Path) -> str:

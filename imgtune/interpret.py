@@ -94,8 +94,9 @@ class Interpretation:
 
         The image files come from ``dl.dataset.items`` when the dataset has them.
         """
-        dl = dl if dl is not None else learner.valid_dl
+        # Without a dl, get_preds reads the validation set's cached features while the body is frozen.
         probs, targets, losses = learner.get_preds(dl)  # keeps (N, C) probabilities, never the images
+        dl = dl if dl is not None else learner.valid_dl
         items = getattr(getattr(dl, "dataset", None), "items", None) or []
         paths = [Path(getattr(item, "path", item)) for item in items]
         config = learner.config

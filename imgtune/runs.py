@@ -11,11 +11,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from imgtune.data import ImageData, load_data
+from imgtune import distributed
+from imgtune.data import ImageData, ImageView, load_data
 from imgtune.errors import ImgtuneError
 from imgtune.export import save_bundle, versions
 from imgtune.learner import Learner
-from imgtune.models import DEFAULT_ARCH, IMAGENET
+from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
 
 
 @dataclass
@@ -66,6 +67,11 @@ def train(
     progress: bool = True,
     report: bool = True,
     command: str = "",
+    feature_cache: bool = True,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    accumulate: int = 1,
+    sync_bn: bool = False,
     **data_options,
 ) -> RunResult:
     """Fine-tune ``arch`` on ``data`` with the lesson's recipe and write a run folder.
@@ -79,6 +85,11 @@ def train(
             ``overwrite``.
         report: write ``report.html`` (interpretation, figures) into the run folder.
         command: the command line, recorded in ``metrics.json``.
+        feature_cache, cache, cache_dir: see :meth:`Learner.from_data`; with ``cache`` the images are
+            checked through the presize cache, so a second run decodes nothing.
+        accumulate, sync_bn: see :class:`Learner`. Under torchrun every process calls this: it joins
+            the process group (:func:`imgtune.distributed.setup`), ``bs`` is per process, and only
+            rank 0 writes the run folder.
         Other arguments: see :meth:`Learner.from_data`.
 
     Returns:
@@ -92,15 +103,21 @@ def train(
     ):
         raise ImgtuneError("--epochs and --freeze-epochs must be >= 0 and not both 0")
     started = time.perf_counter()
+    device = distributed.setup(device)  # under torchrun: join the other processes (once)
+    main = distributed.is_main()
     source = data
     run_dir = out or default_run_dir(source if not isinstance(data, ImageData) else "data")
-    prepare_out(run_dir, overwrite=overwrite, create=False)  # fail before the slow part
+    if main:
+        prepare_out(run_dir, overwrite=overwrite, create=False)  # fail before the slow part
     if not isinstance(data, ImageData):
-        data = load_data(data, seed=seed, **data_options)
-    run_dir = prepare_out(run_dir, overwrite=overwrite)
+        view = ImageView(size or get_backbone(arch).size, resize, cache_dir=cache_dir if cache else False)
+        data = load_data(data, seed=seed, view=view if cache else None, **data_options)
+    run_dir = prepare_out(run_dir, overwrite=overwrite) if main else Path(run_dir)
     data_seconds = time.perf_counter() - started
     learner = Learner.from_data(data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
-                                num_workers=num_workers, seed=seed, device=device, progress=progress)
+                                num_workers=num_workers, seed=seed, device=device, progress=progress,
+                                feature_cache=feature_cache, cache=cache, cache_dir=cache_dir, accumulate=accumulate,
+                                sync_bn=sync_bn)
     finder = None
     if lr is None:
         finder = learner.lr_find()
@@ -109,15 +126,18 @@ def train(
     seconds = dict(data=data_seconds, **learner.timings)
     seconds["total"] = time.perf_counter() - started
     metrics = run_metrics(learner, data, finder, seconds, command)
-    save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
-    write_json(run_dir / "metrics.json", metrics)
-    write_split(data, run_dir / SPLIT_FILE)
+    if main:
+        save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
+        write_json(run_dir / "metrics.json", metrics)
+        write_split(data, run_dir / SPLIT_FILE)
     if report:
         started_report = time.perf_counter()
         _report(learner, run_dir, metrics)
         metrics["seconds"]["report"] = time.perf_counter() - started_report
-        write_json(run_dir / "metrics.json", metrics)
-    (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
+        if main:
+            write_json(run_dir / "metrics.json", metrics)
+    if main:
+        (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
     return RunResult(run_dir, learner, metrics)
 
 
@@ -136,6 +156,7 @@ def run_metrics(learner: Learner, data: ImageData, finder, seconds: dict, comman
                   train=len(data.train), valid=len(data.valid),
                   skipped=[{"path": str(s.path), "reason": s.reason} for s in data.skipped]),
         device=str(learner.device),
+        cache=dict(features=learner.features.stats or None if learner.features is not None else None),
         command=command,
         versions=versions(),
     )
@@ -150,7 +171,9 @@ def _report(learner: Learner, run_dir: Path, metrics: dict) -> None:
     from imgtune.interpret import Interpretation
     from imgtune.report import write_report
 
-    interp = Interpretation.from_learner(learner)
+    interp = Interpretation.from_learner(learner)  # every process: it gathers the validation set
+    if not distributed.is_main():
+        return
     write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), train_dataset=learner.train_dl.dataset)
 
 
@@ -168,6 +191,15 @@ def write_split(data: ImageData, path: Path) -> None:
                 writer.writerow([str(Path(item.path).resolve()), item.label, split])
 
 
+def _global_batch(config: dict) -> str:
+    """`` (x 2 processes x 4 accumulated = 256)`` when a step sees more than one batch, else nothing."""
+    world, accumulate = config.get("world_size", 1), config.get("accumulate", 1)
+    if world * accumulate == 1:
+        return ""
+    parts = (f" x {world} processes" if world > 1 else "") + (f" x {accumulate} accumulated" if accumulate > 1 else "")
+    return f"{parts} = {config['bs'] * world * accumulate}"
+
+
 def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
     """A short human summary of a run."""
     data = metrics["data"]
@@ -176,7 +208,7 @@ def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
         f"data: {data['description']}: {len(data['classes'])} classes, {data['train']} train / {data['valid']} valid"
         f" images, {len(data['skipped'])} skipped",
         f"model: {config['arch']} ({config['timm_name']}, weights {config['weights']}), {config['size']}px"
-        f" {config['resize']}, batch {config['bs']}, device {metrics['device']}",
+        f" {config['resize']}, batch {config['bs']}{_global_batch(config)}, device {metrics['device']}",
         f"lr: head {config['lr']['frozen']:.3g} frozen; {config['lr']['unfrozen'][0]:.3g}..{config['lr']['unfrozen'][1]:.3g}"
         " unfrozen",
         "epoch  phase     train_loss  valid_loss  accuracy  seconds",

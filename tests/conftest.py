@@ -92,3 +92,27 @@ def tiny_learner(tiny_data):
     from imgtune import Learner
 
     return Learner.from_data(tiny_data, **TINY)
+
+
+def serve_in_thread(app):
+    """Serve an ASGI app with uvicorn on a free loopback port, in a background thread: a generator for
+    a fixture (``yield from serve_in_thread(app)``) that yields the app's URL and stops it afterwards."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)

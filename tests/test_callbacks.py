@@ -190,3 +190,20 @@ def test_progress_survives_an_lr_find_without_epochs(bar):
     callback.after_batch(learner)
     callback.after_fit(learner)
     assert "lr_find" in stream.getvalue()
+
+
+def test_progress_reports_feature_extraction_in_plain_lines():
+    import io
+    from types import SimpleNamespace
+
+    from imgtune.callbacks import ProgressCallback
+
+    out = io.StringIO()
+    progress = ProgressCallback(out, bar=False, interval=0.0)
+    learner = SimpleNamespace(phase="frozen")
+    for done in (0, 64, 100):
+        progress.on_features(learner, done, 100)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "features: 100 images (computed once, then cached)"
+    assert lines[1].startswith("features: 64/100 images")
+    assert lines[-1].startswith("features: 100 images in ")

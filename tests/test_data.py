@@ -480,3 +480,16 @@ def test_train_folder_without_a_validation_folder_is_an_error(tmp_path):
     make_class_folders(tmp_path / "train", n=2)
     with pytest.raises(ImgtuneError, match="no valid/"):
         items_from_folder(tmp_path)
+
+
+def test_usable_cores_respects_a_container_cpu_quota(tmp_path):
+    from imgtune.data import usable_cores
+
+    affinity = usable_cores(tmp_path / "absent")
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs
+    assert usable_cores(quota) == min(affinity, 2)
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == affinity
+    quota.write_text("50000 100000\n")
+    assert usable_cores(quota) == 1

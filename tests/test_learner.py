@@ -320,13 +320,25 @@ def test_fine_tune_without_a_rate_uses_the_lr_finder_suggestion(tiny_learner, mo
     assert calls[1] == pytest.approx((2e-5, 2e-3))
 
 
-def test_fine_tune_without_epoch_counts_aims_for_enough_steps(tiny_learner, monkeypatch):
+def test_fine_tune_without_epoch_counts_aims_for_enough_steps(tiny_data, monkeypatch):
+    learner = Learner.from_data(tiny_data, **TINY, feature_cache=False)
+    epochs = []
+    monkeypatch.setattr(learner, "fit_one_cycle", lambda n, lr_max, **kw: epochs.append(n))
+    learner.fine_tune(base_lr=1e-3)
+    steps = len(learner.train_dl)
+    assert epochs[0] * steps >= AUTO_STEPS["frozen"] > (epochs[0] - 1) * steps
+    assert epochs[1] * steps >= AUTO_STEPS["unfrozen"] > (epochs[1] - 1) * steps
+
+
+def test_fine_tune_on_a_cpu_with_cached_features_trains_the_head_only_by_default(tiny_learner, monkeypatch):
     epochs = []
     monkeypatch.setattr(tiny_learner, "fit_one_cycle", lambda n, lr_max, **kw: epochs.append(n))
     tiny_learner.fine_tune(base_lr=1e-3)
     steps = len(tiny_learner.train_dl)
-    assert epochs[0] * steps >= AUTO_STEPS["frozen"] > (epochs[0] - 1) * steps
-    assert epochs[1] * steps >= AUTO_STEPS["unfrozen"] > (epochs[1] - 1) * steps
+    assert len(epochs) == 1 and epochs[0] == min(50, -(-AUTO_STEPS["frozen_features"] // steps))
+    assert tiny_learner.body_frozen()
+    tiny_learner.fine_tune(2, base_lr=1e-3)  # asked for: the body is fine-tuned too
+    assert epochs[1:] == [epochs[0], 2] and not tiny_learner.body_frozen()
 
 
 def test_the_same_seed_repeats_a_cpu_run_and_another_seed_differs(tiny_data):

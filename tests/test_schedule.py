@@ -173,3 +173,21 @@ def test_suggest_lr_cuts_the_curve_where_it_diverges():
 def test_suggest_lr_needs_three_points():
     with pytest.raises(ValueError):
         suggest_lr([1e-3, 1e-2], [1.0, 0.9])
+
+
+def test_the_head_on_features_follows_the_minimum_unless_the_loss_kept_falling():
+    from imgtune.schedule import head_on_features_lr
+
+    assert head_on_features_lr({"minimum": 2e-3, "valley": 4e-4}) == 2e-3  # a real minimum
+    assert head_on_features_lr({"minimum": 1.0, "valley": 3e-3}) == 3e-3  # memorised: the loss fell to the end
+    assert head_on_features_lr({"minimum": 1e-4, "valley": 3e-4}) == 1e-4
+
+
+def test_lr_find_on_cached_features_measures_a_fixed_sample(tiny_learner):
+    result = tiny_learner.lr_find(num_steps=30)
+    assert tiny_learner.features is not None and len(result.losses) == len(result.lrs) > 3
+    from imgtune.schedule import head_on_features_lr
+
+    assert result.suggested == head_on_features_lr(result.suggestion)
+    # The probe loss is measured on the same sample each step: with a tiny rate it barely moves.
+    assert max(result.losses[:5]) - min(result.losses[:5]) < 1e-3

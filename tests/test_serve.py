@@ -6,16 +6,13 @@ import base64
 import io
 import os
 import shutil
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY, chromium_or_skip, make_class_folders, noisy_image
+from conftest import COLOURS, TINY, chromium_or_skip, make_class_folders, noisy_image, serve_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -209,22 +206,7 @@ def test_corrupted_images_never_give_a_server_error(client):
 @pytest.fixture
 def server(run_dir):
     """The app served by uvicorn on a free loopback port, in a background thread."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(run_dir, backend="torch"), host="127.0.0.1", port=port, log_level="warning")
-    uvicorn_server = uvicorn.Server(config)
-    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uvicorn_server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    uvicorn_server.should_exit = True
-    thread.join(10)
+    yield from serve_in_thread(create_app(run_dir, backend="torch"))
 
 
 def test_the_page_in_a_real_browser(server, tmp_path):
