@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The demo trains on the embedded default dataset (elpv) with the offline EfficientNet-Lite0 weights.
-DEMO_ARGS ?= --epochs 2
+# The demo trains on the embedded default dataset (elpv) with the offline EfficientNet-Lite0 weights,
+# with imgtune's defaults (on a CPU: the head on cached features; pass DEMO_ARGS="--epochs 2" to also
+# fine-tune the whole network).
+DEMO_ARGS ?=
 
 .PHONY: demo test test-fast install install-dev
 
