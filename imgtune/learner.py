@@ -298,17 +298,6 @@ class Learner:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _backward_step(self, loss: torch.Tensor) -> None:
-        """Backward and optimizer step; float16 needs its loss scaled so small gradients survive."""
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
-            self.opt.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-
     def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         xb = xb.to(self.device, non_blocking=True, memory_format=self.memory_format)
         yb = yb.to(self.device, non_blocking=True)
