@@ -274,8 +274,9 @@ class FeatureSource:
     """
 
     def __init__(self, train_ds, valid_ds, *, batch_size: int, drop_last: bool, seed: int, mean, std, size: int,
-                 cache: bool = True, cache_dir=None):
+                 cache: bool = True, cache_dir=None, augment: bool = True):
         self.train_ds, self.valid_ds = train_ds, valid_ds
+        self.augment = augment
         self.batch_size, self.drop_last, self.seed = batch_size, drop_last, seed
         self.mean, self.std, self.size = list(mean), list(std), size
         self.cache, self.cache_dir = cache, cache_dir
@@ -285,12 +286,14 @@ class FeatureSource:
 
     @classmethod
     def from_loaders(cls, train_dl: DataLoader, valid_dl: DataLoader, *, seed: int, mean, std, size: int,
-                     cache: bool = True, cache_dir=None) -> "FeatureSource | None":
-        """``None`` when the loaders are not over image files (e.g. tensors the caller made)."""
+                     cache: bool = True, cache_dir=None, augment: bool = True) -> "FeatureSource | None":
+        """``None`` when the loaders are not over image files (e.g. tensors the caller made). Without
+        ``augment`` the head trains on the pictures' own view only (no mirror images: for data where a
+        flip changes the meaning, such as drawn mouse paths)."""
         if not all(hasattr(dl.dataset, "items") and hasattr(dl.dataset, "view") for dl in (train_dl, valid_dl)):
             return None
         return cls(train_dl.dataset, valid_dl.dataset, batch_size=train_dl.batch_size, drop_last=train_dl.drop_last,
-                   seed=seed, mean=mean, std=std, size=size, cache=cache, cache_dir=cache_dir)
+                   seed=seed, mean=mean, std=std, size=size, cache=cache, cache_dir=cache_dir, augment=augment)
 
     def loaders(self, model: nn.Module, device: torch.device, progress=None) -> tuple[DataLoader, DataLoader]:
         """Feature loaders for ``model``'s current body (recomputed only if the body's weights changed)."""
@@ -311,7 +314,7 @@ class FeatureSource:
         train_targets = [index[item.label] for item in self.train_ds.items]
         valid_targets = [index[item.label] for item in self.valid_ds.items]
         generator = torch.Generator().manual_seed(self.seed)
-        train_dl = DataLoader(FeatureDataset(features[:n_train], train_targets, random_view=True, seed=self.seed),
+        train_dl = DataLoader(FeatureDataset(features[:n_train], train_targets, random_view=self.augment, seed=self.seed),
                               batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, generator=generator)
         valid_dl = DataLoader(FeatureDataset(features[n_train:], valid_targets, random_view=False),
                               batch_size=self.batch_size * 2, shuffle=False)

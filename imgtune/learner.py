@@ -193,7 +193,7 @@ class Learner:
         features = None
         if feature_cache:
             features = FeatureSource.from_loaders(train_dl, valid_dl, seed=seed, mean=mean, std=std, size=size,
-                                                  cache=cache, cache_dir=cache_dir)
+                                                  cache=cache, cache_dir=cache_dir, augment=augment)
         learner = cls(model, train_dl, valid_dl, classes=data.classes,
                       groups=layer_groups(model, backbone.body_groups), device=device, callbacks=callbacks,
                       config=config, features=features, **kwargs)

@@ -153,3 +153,16 @@ def test_under_torch_distributed_the_body_runs_every_step(tiny_learner, tmp_path
         assert tiny_learner.features.stats == {}  # nothing was computed: the images went through the body
     finally:
         dist.destroy_process_group()
+
+
+def test_without_augmentation_the_head_never_sees_a_mirror_image(tiny_data):
+    learner = Learner.from_data(tiny_data, **TINY, augment=False)
+    with learner._on_features():
+        dataset = learner.train_dl.dataset
+        assert not dataset.random_view
+        assert all(torch.equal(dataset[i][0], dataset.features[i, 0]) for i in range(len(dataset)))
+    augmented = Learner.from_data(tiny_data, **TINY)
+    with augmented._on_features():
+        dataset = augmented.train_dl.dataset
+        seen = {int(torch.equal(dataset[0][0], dataset.features[0, 1])) for _ in range(40)}
+        assert seen == {0, 1}  # both views turn up
