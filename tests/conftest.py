@@ -83,6 +83,16 @@ def chromium_or_skip(*modules: str) -> str:
     return path
 
 
+
+#: Chromium switches for a headless run in a container: no sandbox (root), no GPU, no background traffic.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def launch_chromium(playwright, executable: str):
+    """Debian's Chromium (from :func:`chromium_or_skip`) started headless by Playwright."""
+    return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+
 TINY = dict(arch="test_efficientnet", weights="none", size=32, bs=6, num_workers=0, progress=False, device="cpu")
 
 

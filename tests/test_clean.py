@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COLOURS, chromium_or_skip, make_class_folders, noisy_image, serve_in_thread
+from conftest import COLOURS, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -164,11 +164,7 @@ def test_the_page_in_a_real_browser(served, data, tmp_path):
     before = snapshot(data)
     errors = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
+        browser = launch_chromium(p, executable)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import chromium_or_skip, make_class_folders
+from conftest import chromium_or_skip, launch_chromium, make_class_folders
 from imgtune.runs import train
 
 SECTIONS = ["Result", "Data", "Training images as the model sees them", "Learning-rate finder", "Training",
@@ -56,11 +56,7 @@ def test_report_in_a_real_browser(run_dir, width, height, name):
     artifacts.mkdir(parents=True, exist_ok=True)
     errors, requests = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium_or_skip(),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
+        browser = launch_chromium(p, chromium_or_skip())
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY, chromium_or_skip, make_class_folders, noisy_image, serve_in_thread
+from conftest import COLOURS, TINY, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -219,11 +219,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     noisy_image(COLOURS["red"], 64, seed=11).save(picture)
     errors, requests = [], []
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=executable,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"],
-        )
+        browser = launch_chromium(p, executable)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
