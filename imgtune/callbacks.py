@@ -59,10 +59,7 @@ class ProgressCallback:
         use_bar = use_bar and distributed.is_main()  # under torchrun only rank 0 reports
         self._start = self._last_print = time.monotonic()
         if use_bar:
-            from tqdm.auto import tqdm
-
-            self._pbar = tqdm(total=learner.total_steps, desc=learner.phase, file=self._out, leave=False,
-                              dynamic_ncols=True)
+            self._pbar = self._bar(learner.total_steps, learner.phase)
         else:
             self._write(f"{learner.phase}: {learner.total_steps} steps")
 
@@ -96,10 +93,7 @@ class ProgressCallback:
         if done == 0:
             self._start = self._last_print = time.monotonic()
             if _interactive(self._out) if self.bar is None else self.bar:
-                from tqdm.auto import tqdm
-
-                self._pbar = tqdm(total=total, desc="features", unit="img", file=self._out, leave=False,
-                                  dynamic_ncols=True)
+                self._pbar = self._bar(total, "features", unit="img")
             else:
                 self._write(f"features: {total} images (computed once, then cached)")
         if self._pbar is not None:
@@ -110,6 +104,11 @@ class ProgressCallback:
         if done >= total:
             self.after_fit(learner)
             self._write(f"features: {total} images in {time.monotonic() - self._start:.1f}s")
+
+    def _bar(self, total: int, desc: str, unit: str = "it"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=self._out, leave=False, dynamic_ncols=True)
 
     def _write(self, line: str) -> None:
         if not distributed.is_main():

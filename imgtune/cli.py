@@ -92,6 +92,10 @@ def model_options(function):
     return function
 
 
+CACHE_DIR_OPTION = click.option("--cache-dir", type=click.Path(file_okay=False),
+                                help="Cache folder.  [default: $IMGTUNE_CACHE or ~/.cache/imgtune]")
+
+
 def cache_options(function):
     """The options of the disk caches (presized images, frozen-backbone features)."""
     options = [
@@ -99,8 +103,7 @@ def cache_options(function):
                      help="Run the frozen body on every step instead of training the head on features computed "
                      "once per image."),
         click.option("--no-cache", is_flag=True, help="Keep nothing on disk: decode every image every epoch."),
-        click.option("--cache-dir", type=click.Path(file_okay=False),
-                     help="Cache folder.  [default: $IMGTUNE_CACHE or ~/.cache/imgtune]"),
+        CACHE_DIR_OPTION,
     ]
     for option in reversed(options):
         function = option(function)
@@ -669,18 +672,13 @@ def clean(data, label_re, csv_path, run_dir, arch, weights, port, device, do_und
 
 # --- the disk caches (presized images, features) -------------------------------------------------
 
-def _cache_dir_option(function):
-    return click.option("--cache-dir", type=click.Path(file_okay=False),
-                        help="Cache folder.  [default: $IMGTUNE_CACHE or ~/.cache/imgtune]")(function)
-
-
 @cli.group("cache")
 def cache_group() -> None:
     """See or clear the caches that make later runs fast (presized images, backbone features)."""
 
 
 @cache_group.command("info")
-@_cache_dir_option
+@CACHE_DIR_OPTION
 def cache_info(cache_dir):
     """Where the cache is and how much each kind of entry takes."""
     from imgtune import cache
@@ -691,7 +689,7 @@ def cache_info(cache_dir):
 
 
 @cache_group.command("clear")
-@_cache_dir_option
+@CACHE_DIR_OPTION
 @click.option("--only", type=click.Choice(["presized", "features", "onnx"]), multiple=True,
               help="Clear only this kind (repeatable).  [default: all three; downloaded datasets are kept]")
 def cache_clear(cache_dir, only):

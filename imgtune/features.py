@@ -14,6 +14,7 @@ these networks), after checking that its features match PyTorch's within :data:`
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 import io
 import os
 import tempfile
@@ -123,7 +124,7 @@ class FeatureExtractor:
         model.eval()
         try:
             images = images.to(self.device, memory_format=torch.channels_last)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
             with autocast:
                 return self.body(images).float().cpu()
         finally:
@@ -175,14 +176,6 @@ def _has_ort() -> bool:
     except ImportError:
         return False
     return True
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def compute_features(

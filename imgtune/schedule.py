@@ -94,7 +94,8 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = L
     # A single loss above twice the starting level is divergence too: the forward average lags it by
     # about 10 steps, and a head trained on cached features blows up within fewer (the centered
     # smoothing below would then drag those huge losses back over the rates that work).
-    start = sorted(losses[: max(3, len(losses) // 10)])[max(3, len(losses) // 10) // 2]
+    first = sorted(losses[: max(3, len(losses) // 10)])
+    start = first[len(first) // 2]  # the median raw loss of the first tenth
     best, cut = math.inf, len(losses)
     for i, loss in enumerate(smooth_losses(losses, beta=beta)):
         if loss > 4 * best or losses[i] > 2 * start:
