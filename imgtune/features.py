@@ -90,6 +90,7 @@ def body_fingerprint(model: nn.Module, *extra) -> str:
 class FeatureExtractor:
     """The frozen body as a function of a batch of normalised images -> (B, F) float32 on the CPU.
 
+    ``cache_dir``: where the exported graph is kept (``False``: in memory only).
     ``backend``: ``"onnx"`` (ONNX Runtime, CPU), ``"torch"``, or ``"auto"``: ONNX Runtime on the CPU
     when installed and its features match PyTorch's on the first batch, else PyTorch (channels_last,
     inference mode, autocast on CUDA).
@@ -137,17 +138,21 @@ class FeatureExtractor:
     def _session(self):
         import onnxruntime as ort
 
-        path = cache_root(self.cache_dir) / "onnx" / f"{self.fingerprint}-{self.size}.onnx"
-        if not path.is_file():
-            _export_body(self.body, self.size, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if self.cache_dir is False:  # nothing on disk: the graph stays in memory
+            model = _export_body(self.body, self.size)
+        else:
+            path = cache_root(self.cache_dir) / "onnx" / f"{self.fingerprint}-{self.size}.onnx"
+            if not path.is_file():
+                _write_atomically(path, _export_body(self.body, self.size))
+            model = str(path)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _export_body(body: _Body, size: int, path: Path) -> None:
-    """The body as ONNX (dynamic batch), written atomically to ``path``."""
+def _export_body(body: _Body, size: int) -> bytes:
+    """The body as an ONNX graph (dynamic batch)."""
     model = body.model
     device = next(model.parameters()).device
     was_training = model.training
@@ -162,10 +167,14 @@ def _export_body(body: _Body, size: int, path: Path) -> None:
                               opset_version=17, dynamo=False)
     finally:
         model.train(was_training)
+    return buffer.getvalue()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(handle, "wb") as out:
-        out.write(buffer.getvalue())
+        out.write(data)
     os.replace(tmp, path)
 
 
@@ -297,7 +306,7 @@ class FeatureSource:
         if self.cache:
             store = ArrayStore(cache_root(self.cache_dir) / "features" / f"{fingerprint}-{self.view.name}")
         extractor = FeatureExtractor(model, size=self.size, device=device, fingerprint=fingerprint,
-                                     cache_dir=self.cache_dir)
+                                     cache_dir=self.cache_dir if self.cache else False)
         paths = [item.path for item in self.train_ds.items] + [item.path for item in self.valid_ds.items]
         features, stats = compute_features(paths, extractor, self.view, mean=self.mean, std=self.std, store=store,
                                            progress=progress)
@@ -350,7 +359,8 @@ def imagenet_features(
     fingerprint = body_fingerprint(model, list(backbone.mean), list(backbone.std), size)
     view = ImageView(size, resize, cache_dir=cache_dir if cache else False)
     store = ArrayStore(cache_root(cache_dir) / "features" / f"{fingerprint}-{view.name}") if cache else None
-    extractor = FeatureExtractor(model, size=size, device=torch.device("cpu"), fingerprint=fingerprint, cache_dir=cache_dir)
+    extractor = FeatureExtractor(model, size=size, device=torch.device("cpu"), fingerprint=fingerprint,
+                                 cache_dir=cache_dir if cache else False)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -127,7 +127,7 @@ def test_nothing_is_written_without_the_cache(tiny_data, tmp_path):
     learner = Learner.from_data(tiny_data, **TINY, cache=False, cache_dir=tmp_path)
     learner.fit_one_cycle(1, 1e-2, phase="frozen")
     assert learner.features.stats["computed"] > 0 and not tmp_path.joinpath("features").exists()
-    assert not tmp_path.joinpath("presized").exists()
+    assert not tmp_path.joinpath("presized").exists() and not tmp_path.joinpath("onnx").exists()
 
 
 def test_imagenet_features_of_files(image_folder, tmp_path):
