@@ -123,7 +123,7 @@ def synthetic_folder(root: Path, n: int, size: int = 320) -> Path:
 
 def measure_loader(device: torch.device, quick: bool, tmp: Path) -> dict:
     from imgtune import load_data
-    from imgtune.data import ImageView
+    from imgtune.data.presize import ImageView
 
     folder = synthetic_folder(tmp / "loader", 32 if quick else 256)
     view = ImageView(224, cache_dir=tmp / "cache")
@@ -142,8 +142,8 @@ def measure_loader(device: torch.device, quick: bool, tmp: Path) -> dict:
 
 
 def end_to_end(device: torch.device, quick: bool, tmp: Path) -> dict:
-    from imgtune.data import PETS_LABEL_RE
-    from imgtune.runs import train
+    from imgtune.data.sources import PETS_LABEL_RE
+    from imgtune.train.run import train
 
     if PETS_SAMPLE.is_dir() and not quick:
         source, options, name = str(PETS_SAMPLE), dict(label_re=PETS_LABEL_RE, valid_pct=0.5, stratify=True), "pets"

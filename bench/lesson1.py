@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from imgtune.data import PETS_LABEL_RE
-from imgtune.runs import train
+from imgtune.data.sources import PETS_LABEL_RE
+from imgtune.train.run import train
 
 HERE = Path(__file__).resolve().parent
 PETS_SAMPLE = HERE.parent.parent / "shared" / "data" / "oxford-pets-sample"

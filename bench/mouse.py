@@ -6,10 +6,10 @@ by an ImageNet-pretrained network, against hand-made movement features and a log
     python bench/mouse.py --figure docs/mouse-window.png   # the README's example picture
 
 Protocol (../shared/data/mouse-dynamics, see its README):
-1. `training_files/userN/*` are drawn as windows (imgtune.render; 256 events, half overlapping) and
+1. `training_files/userN/*` are drawn as windows (imgtune.sequences.render; 256 events, half overlapping) and
    labelled with the user. One whole session of each user is held out (imgtune's group split).
 2. imgtune trains EfficientNet-Lite0 (offline ImageNet weights) on the rest through
-   `imgtune.runs.train`: 20 epochs of the head on cached features of the frozen body, then 2 epochs
+   `imgtune.train.run.train`: 20 epochs of the head on cached features of the frozen body, then 2 epochs
    of the whole network, at 128 px (the ImageNet size of 224 px costs 3.5x the time on a CPU).
 3. Identification: window-level and session-level (mean log-probability of a session's windows)
    accuracy among the 10 users on the held-out sessions.
@@ -79,8 +79,8 @@ def main() -> None:
 
 
 def run(args, tmp: Path) -> dict:
-    from imgtune.render import find_sessions, render_sessions
-    from imgtune.runs import train
+    from imgtune.sequences.render import find_sessions, render_sessions
+    from imgtune.train.run import train
 
     seconds = {}
     started = time.perf_counter()
@@ -114,7 +114,7 @@ def run(args, tmp: Path) -> dict:
     test_files = list(_manifest_rows(rendered["test"].manifest))
 
     started = time.perf_counter()
-    from imgtune.export import load_predictor
+    from imgtune.deploy.export import load_predictor
 
     predictor = load_predictor(tmp / "run", backend="torch")
     window_probs = _predict(predictor, valid_files + test_files)
@@ -191,7 +191,7 @@ def _predict(predictor, files: list[str]) -> np.ndarray:
 
 def evaluate(valid_probs, test_probs, valid_files, test_files, manifest, classes, illegal) -> dict:
     """Window and session accuracy on the held-out sessions; the challenge's AUC on the test sessions."""
-    from imgtune.render import aggregate_windows
+    from imgtune.sequences.render import aggregate_windows
 
     index = {c: i for i, c in enumerate(classes)}
     valid_labels = np.array([index[manifest[f]["label"]] for f in valid_files])
@@ -231,7 +231,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def window_features_of(files, manifest, data: Path) -> np.ndarray:
     """Movement features of each window file's events (sessions read once each)."""
-    from imgtune.render import read_mouse_session
+    from imgtune.sequences.render import read_mouse_session
 
     sessions, rows = {}, []
     for f in files:
@@ -247,7 +247,7 @@ def window_features(events) -> np.ndarray:
     """40 numbers: speed (5), acceleration (3), curvature and straightness (5), extent (3), direction
     histogram (8), pauses and timing (6), clicks, drags and scrolls (5), duration and rate (2), 3 spare
     shape moments."""
-    from imgtune.render import BUTTONS, STATES, speed_acceleration
+    from imgtune.sequences.render import BUTTONS, STATES, speed_acceleration
 
     t, xy = events.t, events.xy.astype(float)
     speed, accel = speed_acceleration(t, xy)
@@ -319,7 +319,7 @@ def example_figure(root: Path, path: Path, *, size: int, users=("user7", "user35
     """Two windows of each of two users side by side, as imgtune render draws them."""
     from PIL import Image
 
-    from imgtune.render import draw_mouse_window, find_sessions, read_mouse_session, window_bounds
+    from imgtune.sequences.render import draw_mouse_window, find_sessions, read_mouse_session, window_bounds
 
     gap = 4
     figure = Image.new("RGB", (len(users) * len(windows) * (size + gap) - gap, size), (48, 48, 48))

@@ -77,7 +77,7 @@ def load(url: str, body: bytes, *, requests: int, clients: int, cam: bool) -> di
 
 
 def serve_and_measure(run_dir: Path, backend: str, body: bytes, args) -> list[dict]:
-    from imgtune.serve import create_app
+    from imgtune.deploy.serve import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(run_dir, backend=backend), host="127.0.0.1", port=port,
@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
-    from imgtune.export import export_onnx
+    from imgtune.deploy.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else make_bundle(Path(tmp))

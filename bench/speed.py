@@ -39,9 +39,11 @@ import torch
 
 from imgtune import create_model, load_data
 from imgtune.models import get_backbone
-from imgtune.data import PETS_LABEL_RE, ImageView, tensor_transform
-from imgtune.features import FeatureExtractor, body_fingerprint
-from imgtune.runs import train
+from imgtune.data.sources import PETS_LABEL_RE
+from imgtune.data.presize import ImageView
+from imgtune.data.transforms import tensor_transform
+from imgtune.train.features import FeatureExtractor, body_fingerprint
+from imgtune.train.run import train
 
 HERE = Path(__file__).resolve().parent
 PETS_SAMPLE = HERE.parent.parent / "shared" / "data" / "oxford-pets-sample"
@@ -133,7 +135,7 @@ def throughput(args) -> dict:
 def frozen_epoch() -> dict:
     """Seconds of one frozen-phase epoch (training + validation) on the pets sample, or on the first
     160 elpv images where it is absent: the head on cached features vs the body run every step."""
-    from imgtune.learner import Learner
+    from imgtune.train.learner import Learner
 
     if PETS_SAMPLE.is_dir():
         data = load_data(str(PETS_SAMPLE), label_re=PETS_LABEL_RE, valid_pct=0.5, stratify=True)
@@ -172,8 +174,8 @@ def compiled(args) -> dict:
 def loading_and_inference(args, model, backbone) -> dict:
     """Bundle inference (torch vs ONNX Runtime) with and without image loading; loading with and
     without the presize cache; on the pets sample's real JPEGs when present."""
-    from imgtune.export import OnnxPredictor, Predictor, save_bundle, write_onnx
-    from imgtune.learner import Learner
+    from imgtune.deploy.export import OnnxPredictor, Predictor, save_bundle, write_onnx
+    from imgtune.train.learner import Learner
 
     out: dict = {}
     files = sorted(PETS_SAMPLE.glob("*.jpg"))[:64] if PETS_SAMPLE.is_dir() else []

@@ -2,19 +2,20 @@
 
 __version__ = "0.1.0"
 
-from imgtune.callbacks import CheckpointCallback, EarlyStopping, History, ProgressCallback
-from imgtune.data import PETS_LABEL_RE, ImageData, Item, load_data
-from imgtune.datasets import CATALOGUE
-from imgtune.doctor import diagnose
-from imgtune.download import download_images
+from imgtune.train.callbacks import CheckpointCallback, EarlyStopping, History, ProgressCallback
+from imgtune.data.sources import PETS_LABEL_RE, Item
+from imgtune.data.loaders import ImageData, load_data
+from imgtune.data.catalogue import CATALOGUE
+from imgtune.curate.doctor import diagnose
+from imgtune.curate.download import download_images
 from imgtune.errors import ImgtuneError, UnreadableImageError
-from imgtune.export import Prediction, Predictor
-from imgtune.images import load_image
-from imgtune.interpret import Interpretation, TopLoss
-from imgtune.learner import Learner, LRFinderResult, set_seed
-from imgtune.mislabel import find_mislabels
+from imgtune.deploy.export import Prediction, Predictor
+from imgtune.data.images import load_image
+from imgtune.explain.interpret import Interpretation, TopLoss
+from imgtune.train.learner import Learner, LRFinderResult, set_seed
+from imgtune.curate.mislabel import find_mislabels
 from imgtune.models import REGISTRY, create_model
-from imgtune.render import aggregate_windows, find_sessions, render_sessions
+from imgtune.sequences.render import aggregate_windows, find_sessions, render_sessions
 
 __all__ = [
     "CATALOGUE",

@@ -242,7 +242,7 @@ def test_lite0_imagenet_weights_see_a_cat():
     import skimage.data
     from PIL import Image
 
-    from imgtune.data import valid_transform
+    from imgtune.data.transforms import valid_transform
 
     entry = REGISTRY["efficientnet_lite0"]
     model = create_model("efficientnet_lite0", 1000).eval()

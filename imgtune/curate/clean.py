@@ -1,0 +1,461 @@
+"""Clean a dataset by hand: a local page of the images a model finds most suspicious, to keep, relabel or quarantine.
+
+``create_app(data)`` ranks every readable image by how unlikely its label is, either out of fold
+(:mod:`imgtune.curate.mislabel`, on frozen ImageNet features) or, with ``run_dir``, by a trained model's
+loss, and serves a FastAPI app (meant for 127.0.0.1 only):
+
+- ``GET /``: the page; ``GET /api/items``: the images in suspicion order; ``GET /api/image?path=``:
+  a thumbnail;
+- ``POST /api/keep``, ``/api/relabel``, ``/api/quarantine`` with ``{"path": ..., "label": ...}``;
+- ``POST /api/undo``: undo the latest change; ``GET /api/log``: the changes not undone.
+
+Relabelling moves the file to the other class folder (class-folder data) or rewrites its CSV row
+(CSV data); quarantining moves it beside the data, as ``imgtune doctor --fix`` does. Every change
+goes to the same log (:class:`imgtune.curate.doctor.ChangeLog`), so ``imgtune doctor --undo`` undoes it too.
+A path from the page is refused unless it names, inside the data folder and without leaving it
+through ``..``, an absolute path or a symlink, one of the images being cleaned.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time.
+import csv
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Optional
+
+from imgtune.curate.doctor import ChangeLog, data_root, move_file, quarantine, set_csv_label, undo
+from imgtune.errors import ImgtuneError, UnreadableImageError
+
+THUMBNAIL = 256
+
+
+class PathRefused(Exception):
+    """A path from the page that is not one of the dataset's images; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass
+class Entry:
+    """One image on the page: where it is now, its label, the model's view of it, and what was done."""
+
+    path: Path  # absolute; in the quarantine folder once quarantined
+    label: str
+    probabilities: dict  # class -> the model's probability
+    status: str = ""  # "", "kept", "relabelled" or "quarantined"
+
+    @property
+    def predicted(self) -> str:
+        return max(self.probabilities, key=self.probabilities.get)
+
+    @property
+    def given_probability(self) -> float:
+        return self.probabilities.get(self.label, 0.0)
+
+
+class CleanSession:
+    """The images being cleaned and every change made to them (all changes under one lock).
+
+    Args:
+        data: a folder of class folders (or of images named by ``label_re``), or with ``csv_path``
+            the folder the CSV's file names are relative to.
+        label_re, csv_path: as for :func:`imgtune.data.loaders.find_items`.
+        run_dir: rank by this run's model (its loss on each image) instead of out-of-fold predictions.
+        features: ``paths -> (N, F)`` features for the out-of-fold ranking (default: ImageNet features
+            of ``arch`` with ``weights``).
+        device: where the run's model runs.
+    """
+
+    def __init__(self, data, *, label_re: Optional[str] = None, csv_path=None, run_dir=None,
+                 features: Optional[Callable] = None, arch: Optional[str] = None, weights: str = "imagenet",
+                 device: str = "cpu"):
+        from imgtune.data.loaders import check_images, find_items
+
+        root = data_root(data, csv_path)
+        if root is None:
+            from imgtune.data.catalogue import CATALOGUE
+
+            why = "a named dataset is read-only" if str(data) in CATALOGUE else "no such folder"
+            raise ImgtuneError(f"{data}: {why}; clean needs a folder of images (or one with --csv)")
+        self.root, self.log = root, ChangeLog(root)
+        self.csv_path = Path(csv_path).resolve() if csv_path is not None else None
+        self.mode = "csv" if csv_path is not None else "names" if label_re else "folders"
+        found = find_items(data, label_re=label_re, csv_path=csv_path)
+        items, _ = check_images(found.items)
+        if len({item.label for item in items}) < 2:
+            raise ImgtuneError(f"{data}: needs readable images of at least two classes to rank")
+        self.classes = sorted({item.label for item in items})
+        scored = _score_with_run(items, run_dir, device) if run_dir else _score_out_of_fold(items, features, arch,
+                                                                                             weights)
+        scored.sort(key=lambda entry: entry.given_probability)
+        self.entries = scored
+        self.csv_files = self._csv_files() if self.mode == "csv" else {}
+        kept = {self.log.absolute(c["file"]) for b in self.log.batches() for c in b["changes"] if c["op"] == "keep"}
+        for entry in self.entries:
+            if entry.path.resolve() in kept:
+                entry.status = "kept"
+        self.lock = threading.Lock()
+
+    # --- what the page sees ---------------------------------------------------------------------
+
+    def items(self) -> list:
+        """The entries for the page, most suspicious first."""
+        return [dict(path=self._shown(e.path), label=e.label, predicted=e.predicted,
+                     probability=round(e.probabilities[e.predicted], 4),
+                     given_probability=round(e.given_probability, 4), status=e.status) for e in self.entries]
+
+    def _shown(self, path: Path) -> str:
+        path = path.resolve()
+        if path.is_relative_to(self.root):
+            return path.relative_to(self.root).as_posix()
+        return self.log.relative(path)  # a quarantined file: relative to the data's parent folder
+
+    def entry(self, relative: str) -> Entry:
+        """The entry of a path from the page, after checking it stays inside the data folder.
+
+        Raises:
+            PathRefused: 400 for an absolute path, ``..`` or a symlink out; 404 for no such image.
+        """
+        if not isinstance(relative, str) or not relative or "\x00" in relative or "\\" in relative:
+            raise PathRefused(400, "give the image's path relative to the data folder")
+        pure = PurePosixPath(relative)
+        if pure.is_absolute() or ".." in pure.parts or relative.startswith("~") or ":" in pure.parts[0]:
+            raise PathRefused(400, f"{relative}: paths must stay inside the data folder")
+        full = self.root / pure
+        if not full.resolve().is_relative_to(self.root) or any(
+                p.is_symlink() for p in [full, *full.parents] if p.is_relative_to(self.root) and p != self.root):
+            raise PathRefused(400, f"{relative}: leads outside the data folder (a symlink)")
+        for entry in self.entries:
+            if entry.path == full and entry.status != "quarantined":
+                return entry
+        raise PathRefused(404, f"{relative}: not one of the images being cleaned")
+
+    def thumbnail(self, relative: str) -> bytes:
+        """A JPEG of at most :data:`THUMBNAIL` pixels a side (the file itself is never sent)."""
+        from imgtune.data.images import decode_image
+
+        entry = self.entry(relative)
+        try:
+            image = decode_image(entry.path, min_size=THUMBNAIL)
+        except UnreadableImageError as error:
+            raise PathRefused(404, f"{relative}: {error}") from None
+        image.thumbnail((THUMBNAIL, THUMBNAIL))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=85)
+        return buffer.getvalue()
+
+    # --- changes --------------------------------------------------------------------------------
+
+    def keep(self, relative: str) -> dict:
+        with self.lock:
+            entry = self.entry(relative)
+            self.log.record([{"op": "keep", "file": self.log.relative(entry.path)}], "imgtune clean")
+            entry.status = "kept"
+            return self._result(entry)
+
+    def relabel(self, relative: str, label: str) -> dict:
+        with self.lock:
+            entry = self.entry(relative)
+            if label not in self.classes:
+                raise PathRefused(400, f"{label!r} is not one of the classes ({', '.join(self.classes)})")
+            if label == entry.label:
+                raise PathRefused(400, f"{relative} is already labelled {label}")
+            if self.mode == "csv":
+                file = self.csv_files.get(entry.path.resolve())
+                if file is None:
+                    raise PathRefused(404, f"{relative}: not found in {self.csv_path.name}")
+                set_csv_label(self.csv_path, file, entry.label, label)
+                change = {"op": "relabel_csv", "csv": self.log.relative(self.csv_path), "file": file,
+                          "old": entry.label, "new": label}
+            elif self.mode == "folders":
+                target = self._class_path(entry, label)
+                move_file(entry.path, target)
+                change = {"op": "move", "src": self.log.relative(entry.path), "dst": self.log.relative(target),
+                          "label_from": entry.label, "label_to": label}
+                entry.path = target
+            else:
+                raise PathRefused(400, "labels read from file names (--label-re) cannot be changed here; "
+                                       "rename the file")
+            self.log.record([change], "imgtune clean")
+            entry.label, entry.status = label, "relabelled"
+            return self._result(entry)
+
+    def quarantine(self, relative: str) -> dict:
+        with self.lock:
+            entry = self.entry(relative)
+            [change] = quarantine(self.root, [entry.path], by="imgtune clean")
+            entry.path, entry.status = self.log.absolute(change["dst"]), "quarantined"
+            return self._result(entry)
+
+    def undo(self) -> dict:
+        """Undo the latest logged change (from this page, another session or ``doctor --fix``)."""
+        with self.lock:
+            undone = undo(self.root, 1)
+            for change in undone:
+                self._revert(change)
+            return {"undone": len(undone)}
+
+    def _revert(self, change: dict) -> None:
+        if change["op"] == "move":
+            moved = self.log.absolute(change["dst"])
+            for entry in self.entries:
+                if entry.path == moved:
+                    entry.path, entry.status = self.log.absolute(change["src"]), ""
+                    entry.label = change.get("label_from", entry.label)
+        elif change["op"] == "relabel_csv":
+            for entry in self.entries:
+                if self.csv_files.get(entry.path.resolve()) == change["file"]:
+                    entry.label, entry.status = change["old"], ""
+        elif change["op"] == "keep":
+            for entry in self.entries:
+                if entry.path.resolve() == self.log.absolute(change["file"]).resolve():
+                    entry.status = ""
+
+    def _class_path(self, entry: Entry, label: str) -> Path:
+        """The same file in the class folder of ``label`` (the same split folder, if any)."""
+        from imgtune.curate.doctor import free_name
+
+        parts = list(entry.path.relative_to(self.root).parts)
+        at = parts.index(entry.label)  # the class folder: first (or second, under train/ or valid/)
+        parts[at] = label
+        return free_name(self.root.joinpath(*parts))
+
+    def _csv_files(self) -> dict:
+        """Each image's file name as the CSV writes it, by its resolved path."""
+        with open(self.csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+        return {(self.root / row["file"]).resolve(): row["file"] for row in rows if row.get("file")}
+
+    def _result(self, entry: Entry) -> dict:
+        return dict(path=self._shown(entry.path), label=entry.label, status=entry.status)
+
+
+def _score_out_of_fold(items, features, arch, weights) -> list:
+    from functools import partial
+
+    from imgtune.curate.mislabel import find_mislabels
+
+    if features is None:
+        from imgtune.train.features import imagenet_features
+
+        features = partial(imagenet_features, arch=arch, weights=weights, progress=True)
+    return [Entry(path=Path(s.path).resolve(), label=s.given, probabilities=s.probabilities)
+            for s in find_mislabels(items, features=features)]
+
+
+def _score_with_run(items, run_dir, device) -> list:
+    from imgtune.data.loaders import ImageData
+    from imgtune.explain.interpret import Interpretation
+
+    labels = sorted({item.label for item in items})
+    # Every image is "validation" here: the run's model scores them all, its training images too.
+    data = ImageData(classes=labels, train=[], valid=list(items), description=str(run_dir))
+    interp = Interpretation.from_run(run_dir, data, device=device)
+    return [Entry(path=Path(path).resolve(), label=interp.classes[t],
+                  probabilities=dict(zip(interp.classes, interp.probs[i].astype(float).tolist())))
+            for i, (path, t) in enumerate(zip(interp.paths, interp.targets))]
+
+
+def create_app(session: CleanSession):
+    """The page and JSON API around ``session``; serve it on 127.0.0.1 only (see ``imgtune clean``).
+
+    Returns:
+        A ``fastapi.FastAPI`` app.
+    """
+    try:
+        from fastapi import FastAPI, Query, Request
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from pydantic import BaseModel
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+    except ImportError:
+        raise ImgtuneError("imgtune clean needs fastapi and uvicorn: pip install 'imgtune[serve]'") from None
+
+    class Change(BaseModel):
+        path: str
+        label: Optional[str] = None
+
+    app = FastAPI(title=f"imgtune clean: {session.root.name}", docs_url=None, redoc_url=None)
+    # Only local names: another site's page cannot reach the server through DNS rebinding.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
+
+    @app.exception_handler(PathRefused)
+    async def refused(request: Request, error: PathRefused):
+        return JSONResponse({"detail": error.detail}, status_code=error.status)
+
+    @app.exception_handler(ImgtuneError)
+    async def conflict(request: Request, error: ImgtuneError):
+        return JSONResponse({"detail": str(error)}, status_code=409)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.replace("__TITLE__", _html(session.root.name))
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(status_code=204)  # no icon, and no 404 in the browser's console
+
+    @app.get("/api/items")
+    def items() -> dict:
+        with session.lock:
+            return {"classes": session.classes, "mode": session.mode, "items": session.items()}
+
+    @app.get("/api/image")
+    def image(path: str = Query(...)) -> Response:
+        return Response(session.thumbnail(path), media_type="image/jpeg",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/keep")
+    def keep(change: Change) -> dict:
+        return session.keep(change.path)
+
+    @app.post("/api/relabel")
+    def relabel(change: Change) -> dict:
+        if not change.label:
+            raise PathRefused(422, "give the new label")
+        return session.relabel(change.path, change.label)
+
+    @app.post("/api/quarantine")
+    def to_quarantine(change: Change) -> dict:
+        return session.quarantine(change.path)
+
+    @app.post("/api/undo")
+    def undo_latest() -> dict:
+        return session.undo()
+
+    @app.get("/api/log")
+    def log() -> dict:
+        return {"log": str(session.log.path), "batches": session.log.batches()}
+
+    return app
+
+
+def _html(text: str) -> str:
+    import html
+
+    return html.escape(text)
+
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>imgtune clean: __TITLE__</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 80rem; padding: 1rem; color: #222; }
+  header { display: flex; flex-wrap: wrap; gap: .8rem; align-items: center; }
+  h1 { font-size: 1.3rem; margin: 0; }
+  #status { min-height: 1.3rem; color: #555; }
+  #status.error { color: #b00020; }
+  #grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(14rem, 1fr)); gap: .8rem; margin-top: .8rem; }
+  .card { border: 1px solid #ccc; border-radius: .5rem; padding: .5rem; }
+  .card.kept { border-color: #3a8; } .card.relabelled { border-color: #38c; }
+  .card.quarantined { opacity: .45; }
+  .card img, .gone { width: 100%; height: 12rem; object-fit: contain; background: #f4f4f4; }
+  .gone { display: grid; place-items: center; color: #777; }
+  .name { font-size: .8rem; color: #555; overflow-wrap: anywhere; }
+  .actions { display: flex; flex-wrap: wrap; gap: .3rem; margin-top: .3rem; }
+  button, select { font: inherit; }
+</style>
+</head>
+<body>
+<header>
+  <h1>imgtune clean: __TITLE__</h1>
+  <label>class <select id="filter"><option value="">all</option></select></label>
+  <button id="undo">Undo last change</button>
+</header>
+<p>Most suspicious first: the images whose label the model finds least likely.</p>
+<div id="status" role="status"></div>
+<div id="grid"></div>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let state = { classes: [], items: [], mode: "folders" };
+
+function show(text, isError) { $("status").textContent = text; $("status").className = isError ? "error" : ""; }
+
+async function call(url, body) {
+  const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+                                      body: JSON.stringify(body || {}) });
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.detail || response.statusText);
+  return answer;
+}
+
+async function act(url, body, done) {
+  try { await call(url, body); show(done, false); } catch (error) { show(String(error.message), true); }
+  await load();
+}
+
+function card(item) {
+  const div = document.createElement("div");
+  div.className = "card " + item.status;
+  div.dataset.path = item.path;
+  let img = document.createElement("img");
+  img.alt = item.path;
+  img.loading = "lazy";
+  if (item.status !== "quarantined") img.src = "api/image?path=" + encodeURIComponent(item.path);
+  else { img = document.createElement("div"); img.className = "gone"; img.textContent = "in quarantine"; }
+  const name = document.createElement("div");
+  name.className = "name";
+  name.textContent = item.path;
+  const about = document.createElement("div");
+  about.className = "about";
+  about.textContent = `label ${item.label} (${(100 * item.given_probability).toFixed(0)}%), ` +
+    `model: ${item.predicted} ${(100 * item.probability).toFixed(0)}%` + (item.status ? ` [${item.status}]` : "");
+  const actions = document.createElement("div");
+  actions.className = "actions";
+  if (item.status !== "quarantined") {
+    const keep = document.createElement("button");
+    keep.className = "keep"; keep.textContent = "Keep";
+    keep.onclick = () => act("api/keep", { path: item.path }, "kept " + item.path);
+    const choice = document.createElement("select");
+    choice.className = "label";
+    state.classes.filter((c) => c !== item.label).forEach((c) => choice.append(new Option(c, c)));
+    if (item.predicted !== item.label) choice.value = item.predicted;
+    const relabel = document.createElement("button");
+    relabel.className = "relabel"; relabel.textContent = "Relabel";
+    relabel.disabled = state.mode === "names";
+    relabel.onclick = () => act("api/relabel", { path: item.path, label: choice.value },
+                                `relabelled ${item.path} as ${choice.value}`);
+    const away = document.createElement("button");
+    away.className = "quarantine"; away.textContent = "Quarantine";
+    away.onclick = () => act("api/quarantine", { path: item.path }, "quarantined " + item.path);
+    actions.append(keep, choice, relabel, away);
+  }
+  div.append(img, name, about, actions);
+  return div;
+}
+
+function render() {
+  const wanted = $("filter").value;
+  $("grid").replaceChildren(...state.items.filter((i) => !wanted || i.label === wanted).map(card));
+}
+
+async function load() {
+  const response = await fetch("api/items");
+  state = await response.json();
+  const filter = $("filter"), chosen = filter.value;
+  filter.replaceChildren(new Option("all", ""), ...state.classes.map((c) => new Option(c, c)));
+  filter.value = chosen;
+  render();
+  document.body.dataset.loaded = String(Date.now());
+}
+
+$("filter").addEventListener("change", render);
+$("undo").addEventListener("click", async () => {
+  try {
+    const answer = await call("api/undo");
+    show(answer.undone ? `undid ${answer.undone} change(s)` : "nothing to undo", false);
+  } catch (error) { show(String(error.message), true); }
+  await load();
+});
+load();
+</script>
+</body>
+</html>
+"""

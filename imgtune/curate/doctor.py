@@ -1,0 +1,603 @@
+"""Check a dataset before training: unreadable files, tiny or odd images, duplicates, leaks, imbalance.
+
+:func:`diagnose` finds the items as ``imgtune train`` would (:func:`imgtune.data.loaders.find_items`), reads
+every file once (content hash, size, colour, a perceptual hash) and returns a :class:`Diagnosis`:
+a list of :class:`Problem` of these kinds.
+
+- ``corrupt``: an image file that cannot be decoded; ``not_image``: another file among the data
+  (training ignores it).
+- ``tiny``: the shorter side under ``min_side`` pixels; ``aspect``: longer/shorter side over ``max_aspect``.
+- ``duplicate`` / ``near_duplicate``: the same picture twice in one class and split (the near kind
+  by perceptual hash: resized or recompressed copies).
+- ``conflict`` / ``near_conflict``: the same picture in two classes: at most one label is right.
+- ``leak`` / ``near_leak``: the same picture in train and valid: the validation score flatters.
+- ``mixed_mode``: a few grayscale images among colour ones (or the other way round).
+- ``mislabel``: images whose label an out-of-fold model finds least likely (see :mod:`imgtune.curate.mislabel`).
+
+:func:`fix` moves the files of chosen kinds into a quarantine folder beside the data (never deleting,
+never overwriting) and records the moves in a :class:`ChangeLog`, which :func:`undo` replays backwards.
+The page of ``imgtune clean`` writes its relabels and quarantines to the same log.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+import json
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from imgtune.data.sources import Item, is_image_file
+from imgtune.data.loaders import find_items
+from imgtune.data.split import split_items
+from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.data.images import decode_image
+
+KINDS = {
+    "corrupt": "cannot be read as an image",
+    "not_image": "not an image file (training ignores it)",
+    "tiny": "smaller than the minimum side",
+    "aspect": "extreme aspect ratio",
+    "conflict": "the same image in two classes",
+    "leak": "the same image in train and valid",
+    "duplicate": "the same image twice in one class",
+    "near_conflict": "near-identical images in two classes",
+    "near_leak": "near-identical images in train and valid",
+    "near_duplicate": "near-identical images in one class",
+    "mixed_mode": "grayscale and colour images mixed",
+    "mislabel": "label the model finds unlikely",
+}
+#: What ``--fix`` moves unless told otherwise: files that can only harm training. Each duplicate
+#: keeps its first copy; every copy of a conflict goes, since nothing says which label is right.
+DEFAULT_FIX = ("corrupt", "duplicate", "conflict")
+QUARANTINE_SUFFIX = ".quarantine"
+LOG_NAME = "changes.jsonl"
+HASH_BITS = 64
+
+
+@dataclass
+class Problem:
+    """One finding: its kind (see :data:`KINDS`), the files involved, and those ``fix`` would move."""
+
+    kind: str
+    files: list[Path]
+    detail: str
+    fix: list[Path] = field(default_factory=list)
+
+    def to_json(self, root: Path | None) -> dict:
+        return {"kind": self.kind, "files": [_shown(p, root) for p in self.files], "detail": self.detail,
+                "fix": [_shown(p, root) for p in self.fix]}
+
+
+@dataclass
+class ImageInfo:
+    """What one read of a file tells: content hash, size, colour, perceptual hash, or why it failed."""
+
+    item: Item
+    sha256: str = ""
+    error: str | None = None
+    width: int = 0
+    height: int = 0
+    grayscale: bool = False
+    phash: int | None = None  # None for unreadable or flat images (their hashes say nothing)
+
+
+@dataclass
+class Diagnosis:
+    """The result of :func:`diagnose`: problems, class counts, and where the data lives."""
+
+    root: Path | None
+    description: str
+    counts: dict[str, dict[str, int]]
+    problems: list[Problem]
+    n_files: int
+    settings: dict = field(default_factory=dict)
+
+    def by_kind(self) -> Counter:
+        return Counter(p.kind for p in self.problems)
+
+    @property
+    def imbalance(self) -> float:
+        """Images in the largest class over the smallest (inf when a class has none)."""
+        totals = [sum(c.values()) for c in self.counts.values()]
+        return max(totals) / min(totals) if totals and min(totals) else float("inf")
+
+    def summary(self) -> str:
+        """The terminal report: counts per class, then each kind of problem with a few examples."""
+        lines = [f"data: {self.description}: {self.n_files} files, {len(self.counts)} classes"]
+        width = max([len(c) for c in self.counts] + [5])
+        for label, count in self.counts.items():
+            lines.append(f"  {label:<{width}}  {count['train']:>6} train  {count['valid']:>6} valid")
+        if len(self.counts) > 1:
+            warn = "  (over 3: consider more images of the small classes)" if self.imbalance > 3 else ""
+            lines.append(f"  imbalance (largest/smallest class): {self.imbalance:.1f}{warn}")
+        kinds = self.by_kind()
+        if not kinds:
+            lines.append("no problems found")
+        for kind in KINDS:
+            if kinds[kind]:
+                lines.append(f"{kinds[kind]} {kind}: {KINDS[kind]}")
+                for problem in [p for p in self.problems if p.kind == kind][:3]:
+                    files = ", ".join(_shown(p, self.root) for p in problem.files[:3])
+                    lines.append(f"    {files}: {problem.detail}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"data": self.description, "root": str(self.root) if self.root else None, "files": self.n_files,
+                "counts": self.counts, "imbalance": self.imbalance if np.isfinite(self.imbalance) else None,
+                "problem_counts": dict(self.by_kind()), "settings": self.settings,
+                "problems": [p.to_json(self.root) for p in self.problems]}
+
+
+def diagnose(
+    source: str | Path | None = None,
+    *,
+    label_re: str | None = None,
+    csv_path: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    valid_pct: float = 0.2,
+    stratify: bool = False,
+    seed: int = 42,
+    min_side: int = 64,
+    max_aspect: float = 4.0,
+    near_distance: int = 4,
+    mislabels: int = 20,
+    features=None,
+    workers: int | None = None,
+) -> Diagnosis:
+    """Examine a dataset (any source ``imgtune train`` accepts) and list its problems.
+
+    Args:
+        source, label_re, csv_path, data_dir: where the images are, as for :func:`imgtune.data.loaders.load_data`.
+        valid_pct, stratify, seed: the split ``train`` would make when the data gives none (for leaks).
+        min_side: images whose shorter side is under this many pixels are ``tiny``.
+        max_aspect: images whose longer side is more than this many times the shorter are ``aspect``.
+        near_distance: perceptual hashes (64 bits) at most this many bits apart are near duplicates
+            (-1: do not look). Resized or recompressed copies measured 0-4 bits apart; distinct pictures
+            of very uniform subjects (elpv's solar cells) can come as close, so such data gets many reports.
+        mislabels: how many suspected mislabels to list (0: do not look, which needs no model).
+        features: a function ``paths -> (N, F) tensor`` for the mislabel finder
+            (default: :func:`imgtune.train.features.imagenet_features`).
+        workers: threads reading files.
+
+    Returns:
+        A :class:`Diagnosis`.
+    """
+    found = find_items(source, label_re=label_re, csv_path=csv_path, data_dir=data_dir)
+    root = data_root(source, csv_path)
+    workers = workers or min(8, (os.cpu_count() or 1) + 1)
+    with ThreadPoolExecutor(workers) as pool:
+        infos = list(pool.map(inspect_image, found.items))
+    readable = [info for info in infos if info.error is None]
+    if readable and any(info.item.split is None for info in readable):
+        train, valid = split_items([i.item for i in readable], valid_pct=valid_pct, stratify=stratify, seed=seed)
+        split_of = {id(item): "train" for item in train} | {id(item): "valid" for item in valid}
+        for info in readable:
+            info.item = Item(info.item.path, info.item.label, split_of[id(info.item)])
+    problems = [Problem("corrupt", [i.item.path], i.error, [i.item.path]) for i in infos if i.error is not None]
+    problems += [Problem("not_image", [p], "not an image file", [p]) for p in _other_files(root, source, csv_path,
+                                                                                           label_re)]
+    for info in readable:
+        short, long = sorted((info.width, info.height))
+        if short < min_side:
+            problems.append(Problem("tiny", [info.item.path], f"{info.width}x{info.height} pixels", [info.item.path]))
+        if long > max_aspect * short:
+            problems.append(Problem("aspect", [info.item.path], f"{info.width}x{info.height} pixels "
+                                    f"(ratio {long / short:.1f})", [info.item.path]))
+    problems += _exact_duplicates(readable) + _near_duplicates(readable, near_distance) + _mixed_modes(readable)
+    if mislabels and len({i.item.label for i in readable}) > 1:
+        problems += _mislabel_problems(readable, mislabels, features, seed)
+    labels = sorted({info.item.label for info in infos})
+    counts = {label: {"train": 0, "valid": 0} for label in labels}
+    for info in readable:
+        counts[info.item.label][info.item.split] += 1
+    settings = dict(min_side=min_side, max_aspect=max_aspect, near_distance=near_distance, mislabels=mislabels,
+                    valid_pct=valid_pct, stratify=stratify, seed=seed)
+    return Diagnosis(root=root, description=found.description, counts=counts, problems=problems,
+                     n_files=len(infos), settings=settings)
+
+
+def inspect_image(item: Item) -> ImageInfo:
+    """Read one file: its content hash, then decode it for its size, colour and perceptual hash."""
+    info = ImageInfo(item)
+    try:
+        data = item.path.read_bytes()
+    except OSError as error:
+        info.error = f"cannot read ({error.strerror or error})"
+        return info
+    info.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            info.width, info.height = header.size
+        image = decode_image(data, min_size=64)
+    except UnreadableImageError as error:
+        info.error = str(error)
+        return info
+    except Exception as error:  # whatever PIL raises for a header it cannot parse
+        info.error = f"not an image file PIL can read ({type(error).__name__})"
+        return info
+    small = np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.int16)
+    info.grayscale = bool(np.abs(small[..., 0] - small[..., 1]).max() <= 6
+                          and np.abs(small[..., 1] - small[..., 2]).max() <= 6)
+    info.phash = perceptual_hash(image)
+    return info
+
+
+def perceptual_hash(image: Image.Image) -> int | None:
+    """A 64-bit pHash: the signs of the 8x8 lowest frequencies of a 32x32 grayscale DCT against their median.
+
+    Resizing and recompressing an image changes few of these bits; different pictures differ in
+    about half. Returns ``None`` for a flat image (no detail to hash).
+    """
+    gray = np.asarray(image.convert("L").resize((32, 32), Image.LANCZOS), dtype=np.float64)
+    if gray.std() < 1.0:
+        return None
+    low = (_DCT @ gray @ _DCT.T)[:8, :8].flatten()
+    bits = low > np.median(low[1:])  # the DC term (overall brightness) would skew the median
+    return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    matrix = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    matrix[0] /= np.sqrt(2.0)
+    return matrix
+
+
+_DCT = _dct_matrix(32)
+
+
+def _exact_duplicates(infos: Sequence[ImageInfo]) -> list[Problem]:
+    groups: dict[str, list[ImageInfo]] = {}
+    for info in infos:
+        groups.setdefault(info.sha256, []).append(info)
+    problems = []
+    for group in groups.values():
+        if len(group) > 1:
+            problems += _copies(sorted(group, key=lambda i: str(i.item.path)), "")
+    return problems
+
+
+def _copies(group: list[ImageInfo], near: str) -> list[Problem]:
+    """The problems of one set of copies: a conflict, or duplicates within a split and a leak across."""
+    paths = [i.item.path for i in group]
+    labels = sorted({i.item.label for i in group})
+    how = "near-identical" if near else "identical"
+    if len(labels) > 1:
+        return [Problem(f"{near}conflict", paths, f"{how}, labelled {' and '.join(labels)}", paths)]
+    problems = []
+    for split in ("train", "valid"):
+        same = [i.item.path for i in group if i.item.split == split]
+        if len(same) > 1:
+            problems.append(Problem(f"{near}duplicate", same, f"{how}, {len(same)} copies in {split}", same[1:]))
+    valid = [i.item.path for i in group if i.item.split == "valid"]
+    if valid and len(valid) < len(group):
+        problems.append(Problem(f"{near}leak", paths, f"{how}, in train and valid", valid))
+    return problems
+
+
+def _near_duplicates(infos: Sequence[ImageInfo], distance: int) -> list[Problem]:
+    """Pairs whose perceptual hashes differ in at most ``distance`` bits (exact copies left out)."""
+    hashed = [i for i in infos if i.phash is not None]
+    if len(hashed) < 2 or distance < 0:
+        return []
+    bits = np.unpackbits(np.array([i.phash for i in hashed], dtype=">u8").view(np.uint8).reshape(-1, 8), axis=1)
+    bits = bits.astype(np.float32)  # float: the products run on BLAS; counts up to 64 are exact
+    problems = []
+    for start in range(0, len(hashed), 256):  # (256, N) differences at a time keeps the memory small
+        block = bits[start:start + 256]
+        differing = block @ (1 - bits).T + (1 - block) @ bits.T
+        for a, b in zip(*np.nonzero(differing <= distance)):
+            first, second = hashed[start + a], hashed[b]
+            if start + a < b and first.sha256 != second.sha256:
+                problems += _copies([first, second], "near_")
+    return problems
+
+
+def _mixed_modes(infos: Sequence[ImageInfo]) -> list[Problem]:
+    gray = [i.item.path for i in infos if i.grayscale]
+    colour = [i.item.path for i in infos if not i.grayscale]
+    if not gray or not colour:
+        return []
+    few, what = (gray, "grayscale") if len(gray) <= len(colour) else (colour, "colour")
+    detail = f"{what}: {len(few)} of {len(infos)} images ({len(gray)} grayscale, {len(colour)} colour)"
+    return [Problem("mixed_mode", sorted(few), detail, [])]
+
+
+def _mislabel_problems(infos: Sequence[ImageInfo], top: int, features, seed: int) -> list[Problem]:
+    from imgtune.curate.mislabel import find_mislabels
+
+    suspects = find_mislabels([i.item for i in infos], features=features, seed=seed)
+    return [Problem("mislabel", [s.path], f"labelled {s.given} ({100 * s.given_probability:.0f}%), "
+                    f"looks like {s.predicted} ({100 * s.predicted_probability:.0f}%)", [])
+            for s in suspects if s.predicted != s.given][:top]
+
+
+def data_root(source: str | Path | None, csv_path: str | Path | None = None) -> Path | None:
+    """The folder the data lives in, resolved (``None`` for a named dataset, which is read-only)."""
+    if csv_path is not None:
+        return Path(source if source is not None else Path(csv_path).parent).resolve()
+    if source is not None and Path(source).is_dir():
+        return Path(source).resolve()
+    return None
+
+
+def _other_files(root: Path | None, source, csv_path, label_re) -> list[Path]:
+    """Files in a folder of class folders that are not images (a CSV lists its own files)."""
+    if root is None or csv_path is not None:
+        return []
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).parts
+        if any(part.startswith(".") for part in relative) or not path.is_file() or is_image_file(path):
+            continue
+        if len(relative) > 1 or label_re:  # loose files beside class folders are not data
+            found.append(path)
+    return found
+
+
+def _shown(path: Path, root: Path | None) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix() if root else str(path)
+    except ValueError:
+        return str(path)
+
+
+# --- the outputs: doctor.json and the HTML gallery --------------------------------------------------
+
+
+def write_outputs(diagnosis: Diagnosis, out: str | Path, *, max_per_kind: int = 100) -> tuple[Path, Path]:
+    """Write ``doctor.json`` and ``doctor.html`` (a self-contained gallery of the problems) into ``out``.
+
+    Returns:
+        The two paths.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out / "doctor.json", out / "doctor.html"
+    json_path.write_text(json.dumps(diagnosis.to_json(), indent=1))
+    html_path.write_text(gallery(diagnosis, max_per_kind=max_per_kind), encoding="utf-8")
+    return json_path, html_path
+
+
+def gallery(diagnosis: Diagnosis, *, max_per_kind: int = 100, thumb: int = 128) -> str:
+    """The problems as one HTML page, thumbnails embedded as JPEG data URIs (nothing is fetched)."""
+    e = html.escape
+    parts = [f"<h1>imgtune doctor</h1><p>{e(diagnosis.description)}: {diagnosis.n_files} files</p>",
+             "<table><tr><th>class</th><th>train</th><th>valid</th></tr>"]
+    parts += [f"<tr><td>{e(c)}</td><td>{n['train']}</td><td>{n['valid']}</td></tr>"
+              for c, n in diagnosis.counts.items()]
+    parts.append("</table>")
+    kinds = diagnosis.by_kind()
+    for kind in KINDS:
+        if not kinds[kind]:
+            continue
+        parts.append(f"<h2 id='{kind}'>{kinds[kind]} {kind}: {e(KINDS[kind])}</h2>")
+        for problem in [p for p in diagnosis.problems if p.kind == kind][:max_per_kind]:
+            figures = "".join(_figure(p, diagnosis.root, p in problem.fix, thumb) for p in problem.files[:6])
+            parts.append(f"<div class='problem'><p>{e(problem.detail)}</p><div class='row'>{figures}</div></div>")
+        if kinds[kind] > max_per_kind:
+            parts.append(f"<p>... and {kinds[kind] - max_per_kind} more in doctor.json</p>")
+    if not kinds:
+        parts.append("<p>No problems found.</p>")
+    return PAGE.replace("__BODY__", "\n".join(parts))
+
+
+def _figure(path: Path, root: Path | None, fixed: bool, thumb: int) -> str:
+    try:
+        image = decode_image(Path(path), min_size=thumb)
+        image.thumbnail((thumb, thumb))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=80)
+        picture = f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}' alt=''>"
+    except (UnreadableImageError, OSError):
+        picture = "<div class='broken'>cannot be read</div>"
+    mark = " <b>(--fix moves it)</b>" if fixed else ""
+    return f"<figure>{picture}<figcaption>{html.escape(_shown(path, root))}{mark}</figcaption></figure>"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>imgtune doctor</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 70rem; padding: 1rem; color: #222; }
+  table { border-collapse: collapse; } td, th { padding: .1rem .6rem; text-align: left; }
+  .problem { border-top: 1px solid #ddd; padding: .3rem 0; }
+  .row { display: flex; flex-wrap: wrap; gap: .6rem; }
+  figure { margin: 0; width: 128px; } img { max-width: 128px; max-height: 128px; display: block; }
+  figcaption { font-size: .75rem; overflow-wrap: anywhere; color: #555; }
+  .broken { width: 128px; height: 64px; background: #fde; color: #900; display: grid; place-items: center; }
+</style></head>
+<body>
+__BODY__
+</body></html>
+"""
+
+
+# --- quarantine and the change log (shared with `imgtune clean`) ------------------------------------
+
+
+def quarantine_dir(root: str | Path) -> Path:
+    """The quarantine folder beside the data: ``data/bears`` -> ``data/bears.quarantine``."""
+    root = Path(root).resolve()
+    return root.parent / f"{root.name}{QUARANTINE_SUFFIX}"
+
+
+class ChangeLog:
+    """An append-only log of changes to a dataset, one JSON line per batch, in the quarantine folder.
+
+    A batch is ``{"batch": n, "time": ..., "by": ..., "changes": [...]}``; its undo appends
+    ``{"batch": n, "undone": true, ...}``. Paths are relative to the folder that holds the data
+    (so that the data and its quarantine can move together). The changes are
+
+    - ``{"op": "move", "src": ..., "dst": ...}``: a file renamed (quarantined or relabelled);
+    - ``{"op": "relabel_csv", "csv": ..., "file": ..., "old": ..., "new": ...}``: a CSV row's label;
+    - ``{"op": "keep", "file": ...}``: an image looked at and kept (nothing changes on disk).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.base = self.root.parent
+        self.path = quarantine_dir(self.root) / LOG_NAME
+
+    def entries(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def batches(self) -> list[dict]:
+        """The batches not undone, oldest first."""
+        entries = self.entries()
+        undone = {e["batch"] for e in entries if e.get("undone")}
+        return [e for e in entries if "changes" in e and e["batch"] not in undone]
+
+    def relative(self, path: str | Path) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), self.base)).as_posix()
+
+    def absolute(self, relative: str) -> Path:
+        return self.base / relative
+
+    def record(self, changes: list[dict], by: str) -> int:
+        """Append a batch of changes already made; returns its number."""
+        number = max([e["batch"] for e in self.entries()], default=0) + 1
+        self._append({"batch": number, "time": _now(), "by": by, "changes": changes})
+        return number
+
+    def _append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def move_file(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if nothing is at ``dst`` (an atomic rename; never an overwrite)."""
+    if os.path.lexists(dst):
+        raise ImgtuneError(f"{dst}: already exists; not overwriting it (move it away and try again)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dst)
+
+
+def free_name(path: Path) -> Path:
+    """``path``, or ``name-1.ext``, ``name-2.ext``, ... whichever is free first."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
+def quarantine(root: str | Path, paths: Sequence[str | Path], *, by: str = "imgtune doctor --fix") -> list[dict]:
+    """Move ``paths`` (files inside ``root``) into the quarantine folder, keeping their relative paths.
+
+    Returns:
+        The changes made (also appended to the log as one batch); none when ``paths`` is empty.
+    """
+    log = ChangeLog(root)
+    target = quarantine_dir(log.root)
+    changes = []
+    try:
+        for path in sorted({Path(p).resolve() for p in paths}):
+            if not path.is_relative_to(log.root):
+                raise ImgtuneError(f"{path}: is not inside the data folder {log.root}; not moving it")
+            dst = free_name(target / path.relative_to(log.root))
+            move_file(path, dst)
+            changes.append({"op": "move", "src": log.relative(path), "dst": log.relative(dst)})
+    finally:
+        if changes:  # what was moved before an error is logged too, so that it can be undone
+            log.record(changes, by)
+    return changes
+
+
+def fix(diagnosis: Diagnosis, kinds: Sequence[str] = DEFAULT_FIX) -> list[dict]:
+    """Quarantine the files that the problems of ``kinds`` name to be moved (see :attr:`Problem.fix`).
+
+    Returns:
+        The moves made, as logged.
+    """
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ImgtuneError(f"unknown problem kind {unknown[0]!r}; choose from {', '.join(KINDS)}")
+    if diagnosis.root is None:
+        raise ImgtuneError("a named dataset is read-only: copy its images into a folder to fix them")
+    files = {path for p in diagnosis.problems if p.kind in kinds for path in p.fix}
+    return quarantine(diagnosis.root, sorted(files), by=f"imgtune doctor --fix {','.join(kinds)}")
+
+
+def undo(root: str | Path, batches: int | None = None) -> list[dict]:
+    """Undo the newest ``batches`` batches of the change log of ``root`` (all when ``None``), newest first.
+
+    Every change of a batch is checked before any is undone: a file moved since, or a name taken
+    since, stops the undo with an error and changes nothing.
+
+    Returns:
+        The changes undone, in the order they were undone.
+    """
+    log = ChangeLog(root)
+    todo = log.batches()[::-1][:batches]
+    undone = []
+    for batch in todo:
+        changes = batch["changes"][::-1]
+        for change in changes:
+            _check_undo(log, change)
+        for change in changes:
+            _undo_one(log, change)
+        log._append({"batch": batch["batch"], "undone": True, "time": _now()})
+        undone += changes
+    _remove_empty_dirs(quarantine_dir(log.root))
+    return undone
+
+
+def _check_undo(log: ChangeLog, change: dict) -> None:
+    if change["op"] == "move":
+        src, dst = log.absolute(change["src"]), log.absolute(change["dst"])
+        if not dst.is_file():
+            raise ImgtuneError(f"cannot undo: {dst} is gone (moved or deleted since); nothing was undone")
+        if os.path.lexists(src):
+            raise ImgtuneError(f"cannot undo: {src} exists again; move it away first; nothing was undone")
+
+
+def _undo_one(log: ChangeLog, change: dict) -> None:
+    if change["op"] == "move":
+        move_file(log.absolute(change["dst"]), log.absolute(change["src"]))
+    elif change["op"] == "relabel_csv":
+        set_csv_label(log.absolute(change["csv"]), change["file"], change["new"], change["old"])
+
+
+def set_csv_label(csv_path: Path, file: str, old: str, new: str) -> None:
+    """Rewrite the label of ``file``'s row from ``old`` to ``new``; the CSV is replaced atomically."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle))
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "file" not in header or "label" not in header:
+        raise ImgtuneError(f"{csv_path}: needs a header with columns file,label")
+    file_col, label_col = header.index("file"), header.index("label")
+    matches = [r for r in rows[1:] if len(r) > label_col and r[file_col].strip() == file]
+    if len(matches) != 1 or matches[0][label_col].strip() != old:
+        raise ImgtuneError(f"{csv_path}: no single row for {file} labelled {old!r}; was the CSV edited since?")
+    matches[0][label_col] = new
+    partial = csv_path.with_name(f".{csv_path.name}.part")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    os.replace(partial, csv_path)  # the user asked for this edit; the old labels are in the log
+
+
+def _remove_empty_dirs(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

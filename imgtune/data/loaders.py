@@ -1,0 +1,284 @@
+"""Check, split and batch labelled images from any source: :func:`load_data`, :class:`ImageData`, loaders.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.data.images import MAX_PIXELS, load_image
+from imgtune.data import shards
+from imgtune.data.presize import ImageView
+from imgtune.data.sources import Item, ItemList, Skipped, items_from_csv, items_from_folder, items_from_name_re
+from imgtune.data.split import split_items
+from imgtune.data.transforms import tensor_transform, train_transform
+
+
+def check_images(
+    items: Sequence[Item],
+    *,
+    min_size: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+    workers: int | None = None,
+    view: "ImageView | None" = None,
+) -> tuple[list[Item], list[Skipped]]:
+    """Decode every image once; return the readable items and the skipped files with reasons.
+
+    With a cached ``view``, a file whose presized picture is already in the cache counts as readable
+    without decoding it again, and every file decoded here is presized and stored, so training and
+    later runs read the small cached picture instead of decoding the original.
+    """
+
+    def check(item: Item) -> str | None:
+        try:
+            if view is not None:
+                view.ensure(item.path, max_pixels=max_pixels)
+            else:
+                load_image(item.path, min_size=min_size, max_pixels=max_pixels)
+        except UnreadableImageError as error:
+            return str(error).removeprefix(f"{item.path}: ")
+        return None
+
+    workers = workers or min(8, (os.cpu_count() or 1) + 1)
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = list(pool.map(check, items))
+    good = [item for item, reason in zip(items, reasons) if reason is None]
+    bad = [Skipped(item.path, reason) for item, reason in zip(items, reasons) if reason is not None]
+    return good, bad
+
+
+@dataclass
+class ImageData:
+    """Labelled images split into train and valid, with the class order fixed.
+
+    Build one with :func:`load_data` (any source or dataset name) or :meth:`from_items`.
+    """
+
+    classes: list[str]
+    train: list[Item]
+    valid: list[Item]
+    skipped: list[Skipped] = field(default_factory=list)
+    description: str = ""
+
+    @classmethod
+    def from_items(
+        cls,
+        found: ItemList,
+        *,
+        valid_pct: float = 0.2,
+        stratify: bool = False,
+        seed: int = 42,
+        check: bool = True,
+        max_pixels: int = MAX_PIXELS,
+        view: "ImageView | None" = None,
+    ) -> "ImageData":
+        """Check the images (unless ``check=False``; through the presize cache of ``view`` when given),
+        split them and fix the class order."""
+        items, skipped = list(found.items), list(found.skipped)
+        # Classes come from every item found, so a class whose files are all unreadable fails
+        # validate() with its name instead of silently vanishing from the model.
+        labels = {item.label for item in items}
+        if check:
+            items, bad = check_images(items, max_pixels=max_pixels, view=view)
+            skipped += bad
+        train, valid = split_items(items, valid_pct=valid_pct, stratify=stratify, seed=seed)
+        classes = [c for c in (found.classes or []) if c in labels] + sorted(labels - set(found.classes or []))
+        data = cls(classes=classes, train=train, valid=valid, skipped=skipped, description=found.description)
+        data.validate()
+        return data
+
+    def validate(self) -> None:
+        """Fail with a clear message unless there are two or more classes, each with training images."""
+        if len(self.classes) < 2:
+            found = self.classes[0] if self.classes else "none"
+            raise ImgtuneError(
+                f"{self.description or 'data'}: need at least two classes with readable images, found {found}"
+                f" ({len(self.skipped)} files skipped)"
+            )
+        counts = Counter(item.label for item in self.train)
+        empty = [c for c in self.classes if counts[c] == 0]
+        if empty:
+            raise ImgtuneError(f"class {empty[0]!r} has no readable training images; add some or remove the class")
+        if not self.valid:
+            raise ImgtuneError("the validation set is empty; raise --valid-pct or add a valid/ folder")
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each split, in class order."""
+        train, valid = Counter(i.label for i in self.train), Counter(i.label for i in self.valid)
+        return {c: {"train": train[c], "valid": valid[c]} for c in self.classes}
+
+    def summary(self) -> str:
+        lines = [
+            f"data: {self.description}",
+            f"  {len(self.classes)} classes, {len(self.train)} train / {len(self.valid)} valid images,"
+            f" {len(self.skipped)} skipped",
+        ]
+        for skipped in self.skipped[:10]:
+            lines.append(f"  skipped {skipped.path}: {skipped.reason}")
+        if len(self.skipped) > 10:
+            lines.append(f"  ... and {len(self.skipped) - 10} more skipped files (listed in metrics.json)")
+        return "\n".join(lines)
+
+    def datasets(
+        self, *, size: int, resize: str, mean, std, augment: bool = True, cache: bool = False, cache_dir=None
+    ) -> tuple["ImageDataset", "ImageDataset"]:
+        """Train and valid datasets. With ``cache``, each image is decoded and presized once and the
+        picture kept on disk (see :class:`ImageView`), so later epochs and runs skip the decoding."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        store = cache_dir if cache else False
+        valid_view = ImageView(size, resize, cache_dir=store)
+        if augment:
+            train_view, train_tf = ImageView(size, resize, kind="train", cache_dir=store), train_transform(size, resize, mean, std)
+        else:
+            train_view, train_tf = valid_view, tensor_transform(mean, std)
+        return (
+            ImageDataset(self.train, index, train_tf, train_view),
+            ImageDataset(self.valid, index, tensor_transform(mean, std), valid_view),
+        )
+
+    def loaders(
+        self,
+        *,
+        size: int = 224,
+        resize: str = "crop",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        bs: int = 32,
+        augment: bool = True,
+        num_workers: int | None = None,
+        seed: int = 42,
+        pin_memory: bool = False,
+        cache: bool = False,
+        cache_dir=None,
+        shard: tuple[int, int] | None | str = "auto",
+    ) -> tuple[DataLoader, DataLoader]:
+        """Train and valid loaders. The train loader shuffles with a seeded generator; ``cache`` and
+        ``cache_dir`` as in :meth:`datasets`.
+
+        ``shard=(rank, world_size)`` gives one process of several its part of both (see
+        :func:`imgtune.data.shards.shard_samplers`); ``"auto"`` takes it from torch.distributed when
+        a process group is initialised (torchrun), ``None`` loads everything."""
+        train_ds, valid_ds = self.datasets(size=size, resize=resize, mean=mean, std=std, augment=augment,
+                                           cache=cache, cache_dir=cache_dir)
+        workers = default_num_workers() if num_workers is None else num_workers
+        common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+        generator = torch.Generator().manual_seed(seed)
+        shard = shards.current_shard() if shard == "auto" else shard
+        train_sampler, valid_sampler = (None, None) if shard is None else shards.shard_samplers(
+            train_ds, len(valid_ds), *shard, seed=seed)
+        n_train = len(train_sampler) if train_sampler is not None else len(train_ds)
+        train_dl = DataLoader(
+            train_ds, batch_size=bs, shuffle=train_sampler is None, sampler=train_sampler, drop_last=n_train > bs,
+            generator=generator, worker_init_fn=_seed_worker, **common,
+        )
+        valid_dl = DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, sampler=valid_sampler, **common)
+        return train_dl, valid_dl
+
+
+def usable_cores(cgroup_cpu_max: str | Path = "/sys/fs/cgroup/cpu.max") -> int:
+    """The CPU cores this process may really use: its affinity mask, capped by a cgroup CPU quota (a
+    container limited to 2 CPUs on a 64-core host sees 64 in ``os.cpu_count()``, and PyTorch would
+    start 32 threads that fight over 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_num_workers() -> int:
+    """Loader processes: one per core, at most 8; none on a single core."""
+    cores = usable_cores()
+    return 0 if cores < 2 else min(cores, 8)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+
+
+class ImageDataset(Dataset):
+    """Items as (image tensor, class index) pairs: ``view`` loads the presized picture, ``transform``
+    augments it (training) and turns it into a normalised tensor."""
+
+    def __init__(self, items: Sequence[Item], class_index: dict[str, int], transform, view: "ImageView"):
+        self.items = list(items)
+        self.class_index = class_index
+        self.transform = transform
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        return self.transform(self.view(item.path)), self.class_index[item.label]
+
+
+def find_items(
+    source: str | Path | None = None,
+    *,
+    label_re: str | None = None,
+    csv_path: str | Path | None = None,
+    data_dir: str | Path | None = None,
+) -> ItemList:
+    """Find items from a path, a CSV, or a named dataset (``None`` is the embedded default)."""
+    from imgtune.data import catalogue as datasets
+
+    if csv_path is not None:
+        return items_from_csv(csv_path, root=source)
+    if source is None or (str(source) in datasets.CATALOGUE and not Path(source).exists()):
+        return datasets.get(str(source) if source is not None else datasets.DEFAULT).items(data_dir=data_dir)
+    if label_re:
+        return items_from_name_re(source, label_re)
+    return items_from_folder(source)
+
+
+def load_data(
+    source: str | Path | None = None,
+    *,
+    label_re: str | None = None,
+    csv_path: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    valid_pct: float = 0.2,
+    stratify: bool = False,
+    seed: int = 42,
+    check: bool = True,
+    view: ImageView | None = None,
+) -> ImageData:
+    """Find, check and split labelled images from any source imgtune accepts.
+
+    Args:
+        source: a folder, a dataset name (see ``imgtune datasets``) or ``None`` for the default
+            dataset; with ``csv_path``, the folder the CSV's file names are relative to.
+        label_re: read labels from file names with this regex's first group (e.g. ``PETS_LABEL_RE``).
+        csv_path: a CSV of ``file,label[,split]``.
+        data_dir: a local copy of a named dataset (used instead of downloading).
+        valid_pct: fraction held out for validation when the data gives no split.
+        stratify: hold out ``valid_pct`` of each class.
+        seed: seeds the split.
+        check: decode every image first and skip unreadable ones.
+        view: check through this :class:`ImageView`'s presize cache: files already cached are not
+            decoded again, and files decoded are presized and cached for training.
+
+    Returns:
+        An :class:`ImageData`.
+    """
+    found = find_items(source, label_re=label_re, csv_path=csv_path, data_dir=data_dir)
+    return ImageData.from_items(found, valid_pct=valid_pct, stratify=stratify, seed=seed, check=check, view=view)

@@ -1,0 +1,1 @@
+"""Using a trained model: the bundle, predictors (PyTorch, ONNX Runtime), export, the web demo."""

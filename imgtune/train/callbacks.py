@@ -1,0 +1,160 @@
+"""A tiny callback protocol and the callbacks imgtune ships.
+
+A callback is any object with some of these methods, each called with the learner:
+``before_fit``, ``after_batch``, ``after_epoch``, ``after_fit``. The learner exposes ``phase``
+(``"lr_find"``, ``"frozen"``, ``"unfrozen"`` or ``"fit"``), ``epoch``, ``epochs``, ``step``,
+``total_steps``, ``loss`` (the last batch's) and ``epoch_metrics`` (the last epoch's). To stop
+training a callback sets ``learner.should_stop = True``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from imgtune.train import distributed
+
+
+class History:
+    """Records one dict of metrics per epoch (the learner always has one, as ``learner.history``)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def after_epoch(self, learner) -> None:
+        self.records.append(dict(learner.epoch_metrics))
+
+
+def _interactive(stream: TextIO) -> bool:
+    if "ipykernel" in sys.modules:
+        return True
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+class ProgressCallback:
+    """A progress bar per phase in a terminal or notebook; plain periodic lines otherwise (CI logs).
+
+    Args:
+        stream: where to write (stderr by default).
+        interval: seconds between plain progress lines when the output is not a terminal.
+        bar: force the bar (True) or plain lines (False); ``None`` decides from the stream.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, interval: float = 30.0, bar: bool | None = None):
+        self.stream = stream
+        self.interval = interval
+        self.bar = bar
+        self._pbar = None
+        self._last_print = 0.0
+
+    @property
+    def _out(self) -> TextIO:
+        return self.stream or sys.stderr
+
+    def before_fit(self, learner) -> None:
+        use_bar = _interactive(self._out) if self.bar is None else self.bar
+        use_bar = use_bar and distributed.is_main()  # under torchrun only rank 0 reports
+        self._start = self._last_print = time.monotonic()
+        if use_bar:
+            self._pbar = self._bar(learner.total_steps, learner.phase)
+        else:
+            self._write(f"{learner.phase}: {learner.total_steps} steps")
+
+    def after_batch(self, learner) -> None:
+        if self._pbar is not None:
+            self._pbar.update(1)
+            self._pbar.set_postfix(loss=f"{learner.loss:.4f}", refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last_print >= self.interval:
+            self._last_print = now
+            pct = 100 * learner.step / max(1, learner.total_steps)
+            self._write(f"{learner.phase}: step {learner.step}/{learner.total_steps} ({pct:.0f}%)"
+                        f" loss {learner.loss:.4f} {now - self._start:.0f}s")
+
+    def after_epoch(self, learner) -> None:
+        m = learner.epoch_metrics
+        self._write(
+            f"epoch {m['epoch']}/{learner.epochs} {m['phase']:<8} train_loss {m['train_loss']:.4f}"
+            f"  valid_loss {m['valid_loss']:.4f}  accuracy {100 * m['accuracy']:.2f}%"
+            f"  error_rate {100 * m['error_rate']:.2f}%  {m['seconds']:.0f}s"
+        )
+
+    def after_fit(self, learner) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+
+    def on_features(self, learner, done: int, total: int) -> None:
+        """Backbone features being computed for the frozen phase: ``done`` of ``total`` images."""
+        if done == 0:
+            self._start = self._last_print = time.monotonic()
+            if _interactive(self._out) if self.bar is None else self.bar:
+                self._pbar = self._bar(total, "features", unit="img")
+            else:
+                self._write(f"features: {total} images (computed once, then cached)")
+        if self._pbar is not None:
+            self._pbar.update(done - self._pbar.n)
+        elif 0 < done < total and time.monotonic() - self._last_print >= self.interval:
+            self._last_print = time.monotonic()
+            self._write(f"features: {done}/{total} images {time.monotonic() - self._start:.0f}s")
+        if done >= total:
+            self.after_fit(learner)
+            self._write(f"features: {total} images in {time.monotonic() - self._start:.1f}s")
+
+    def _bar(self, total: int, desc: str, unit: str = "it"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=self._out, leave=False, dynamic_ncols=True)
+
+    def _write(self, line: str) -> None:
+        if not distributed.is_main():
+            return
+        if self._pbar is not None:
+            self._pbar.write(line, file=self._out)
+        else:
+            print(line, file=self._out, flush=True)
+
+
+class EarlyStopping:
+    """Stop when ``monitor`` has not improved for ``patience`` epochs (lower is better for losses)."""
+
+    def __init__(self, monitor: str = "valid_loss", patience: int = 2, min_delta: float = 0.0):
+        self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
+        self.lower_is_better = "loss" in monitor or "error" in monitor
+
+    def before_fit(self, learner) -> None:
+        self.best, self.wait = math.inf, 0
+
+    def after_epoch(self, learner) -> None:
+        value = learner.epoch_metrics[self.monitor]
+        score = value if self.lower_is_better else -value
+        if score < self.best - self.min_delta:
+            self.best, self.wait = score, 0
+        else:
+            self.wait += 1
+            if self.wait >= self.patience:
+                learner.should_stop = True
+
+
+class CheckpointCallback:
+    """Save the weights (safetensors) to ``path`` after each epoch where ``monitor`` improves."""
+
+    def __init__(self, path: str | Path, monitor: str = "valid_loss"):
+        self.path, self.monitor = Path(path), monitor
+        self.lower_is_better = "loss" in monitor or "error" in monitor
+        self.best = math.inf
+
+    def after_epoch(self, learner) -> None:
+        value = learner.epoch_metrics[self.monitor]
+        score = value if self.lower_is_better else -value
+        if score < self.best and distributed.is_main():  # every process has the same weights; one writes
+            from safetensors.torch import save_file
+
+            self.best = score
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}
+            save_file(state, str(self.path))

@@ -1,0 +1,244 @@
+"""The web demo: good images are classified, every bad input gets a 4xx with a reason, never a 5xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import COLOURS, TINY, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from imgtune.deploy.serve import create_app
+
+CLASSES = sorted(COLOURS)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from imgtune import Learner, load_data
+
+    root = tmp_path_factory.mktemp("serve")
+    data = load_data(make_class_folders(root / "colours"), valid_pct=0.25, stratify=True, seed=0)
+    learner = Learner.from_data(data, **TINY)
+    learner.fit_one_cycle(1, 1e-2)
+    return learner.save(root / "run", metrics={"valid_accuracy": 0.75}) and root / "run"
+
+
+@pytest.fixture(scope="module")
+def client(run_dir):
+    with TestClient(create_app(run_dir, backend="torch"), raise_server_exceptions=False) as client:
+        yield client
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def post(client, data: bytes, name: str = "image.png", field: str = "file", **params):
+    return client.post("/api/predict", params=params, files={field: (name, data, "application/octet-stream")})
+
+
+def test_a_good_png_is_classified_with_its_grad_cam(client):
+    response = post(client, encoded(noisy_image(COLOURS["red"], 48, seed=7)), top_k=len(CLASSES))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert sorted(item["label"] for item in answer["labels"]) == CLASSES
+    assert sum(item["probability"] for item in answer["labels"]) == pytest.approx(1.0, abs=1e-5)
+    assert answer["top"] == answer["labels"][0]["label"]
+    assert answer["seconds"] >= 0
+    assert answer["cam"].startswith("data:image/png;base64,")
+    overlay = Image.open(io.BytesIO(base64.b64decode(answer["cam"].split(",", 1)[1])))
+    assert overlay.format == "PNG" and overlay.size == (32, 32)
+
+
+def test_top_k_and_cam_options(client):
+    answer = post(client, encoded(noisy_image(COLOURS["blue"], 40)), top_k=1, cam="false").json()
+    assert len(answer["labels"]) == 1 and answer["cam"] is None
+    for bad in (0, len(CLASSES) + 1, "many"):
+        response = post(client, encoded(noisy_image(COLOURS["blue"], 40)), top_k=bad)
+        assert response.status_code == 422 and "top_k" in response.json()["detail"]
+
+
+def test_other_formats_and_modes_are_decoded(client):
+    grey = noisy_image(COLOURS["green"], 40).convert("L")
+    for data in (encoded(grey, "JPEG"), encoded(grey.convert("P"), "GIF"), encoded(grey, "WEBP"),
+                 encoded(grey, "BMP"), encoded(grey, "TIFF"), encoded(grey.convert("RGBA"), "PNG")):
+        assert post(client, data).status_code == 200
+
+
+def truncated_jpeg() -> bytes:
+    data = encoded(noisy_image(COLOURS["red"], 64), "JPEG")
+    return data[: len(data) // 2]
+
+
+def bomb_png() -> bytes:
+    """A 10000 x 10000 one-bit PNG: 100 megapixels in a few kilobytes."""
+    return encoded(Image.new("1", (10_000, 10_000)), "PNG", optimize=True)
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"", 400, "empty"),
+    (b"just some text, not an image\n" * 10, 415, "allowed format"),
+    (truncated_jpeg(), 400, "cannot decode"),
+    (encoded(noisy_image(COLOURS["red"], 40), "ICO"), 415, "allowed format"),
+    (bomb_png(), 413, "pixels"),
+])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, at open; the app refuses it
+def test_bad_files_get_a_4xx_that_says_why(client, data, status, words):
+    response = post(client, data)
+    assert response.status_code == status, response.text
+    assert words in response.json()["detail"]
+
+
+def test_limits_set_in_create_app(run_dir):
+    image = encoded(noisy_image(COLOURS["red"], 48))
+    with TestClient(create_app(run_dir, max_bytes=500, max_pixels=48 * 47, backend="torch")) as client:
+        too_big = post(client, image)
+        assert too_big.status_code == 413 and "larger than the limit of 500 bytes" in too_big.json()["detail"]
+        chunked = client.post("/api/predict", content=iter([b"x" * 300] * 3),
+                              headers={"content-type": "multipart/form-data; boundary=b"})
+        assert chunked.status_code == 413
+    with TestClient(create_app(run_dir, max_pixels=48 * 47, backend="torch")) as client:
+        too_many = post(client, image)
+        assert too_many.status_code == 413 and "48x48 pixels" in too_many.json()["detail"]
+    with TestClient(create_app(run_dir, timeout=1e-9, backend="torch")) as client:
+        slow = post(client, image)
+        assert slow.status_code == 504 and "longer than the limit" in slow.json()["detail"]
+
+
+def test_a_missing_field_is_a_422_with_a_message(client):
+    for response in (post(client, encoded(noisy_image(COLOURS["red"], 40)), field="image"),
+                     client.post("/api/predict"), client.post("/api/predict", data={"file": "text"})):
+        assert response.status_code == 422
+        assert "file" in response.json()["detail"]
+
+
+def test_health_model_and_openapi(client, run_dir):
+    assert client.get("/api/health").json() == {"status": "ok"}
+    model = client.get("/api/model").json()
+    assert model["classes"] == CLASSES and model["size"] == 32 and model["metrics"]["valid_accuracy"] == 0.75
+    assert model["name"] == run_dir.name and model["arch"] == "test_efficientnet"
+    schema = client.get("/openapi.json").json()
+    assert {"/api/predict", "/api/health", "/api/model"} <= set(schema["paths"])
+    page = client.get("/").text
+    assert 'type="file"' in page and 'accept="image/*"' in page and 'capture="environment"' in page
+    for needle in ("http://", "https://", "<link", "@import", "url(", " src=\"", " href=\""):
+        assert needle not in page, needle
+
+
+def test_onnx_backend_still_gives_grad_cam(run_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from imgtune.deploy.export import export_onnx
+
+    bundle = shutil.copytree(run_dir, tmp_path / "run")
+    export_onnx(bundle)
+    with TestClient(create_app(bundle)) as client:
+        assert client.get("/api/model").json()["backend"] == "onnx"
+        answer = post(client, encoded(noisy_image(COLOURS["green"], 40))).json()
+        assert answer["cam"].startswith("data:image/png;base64,")
+
+
+def test_concurrent_requests_agree(client):
+    image = encoded(noisy_image(COLOURS["green"], 48, seed=3))
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: post(client, image, top_k=len(CLASSES)), range(16)))
+    assert all(r.status_code == 200 for r in responses)
+    answers = [(r.json()["labels"], r.json()["cam"]) for r in responses]
+    assert all(answer == answers[0] for answer in answers)
+
+
+def test_fuzzing_the_api_finds_no_server_error(run_dir):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(run_dir, backend="torch"))
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call()
+                assert response.status_code < 500, (case.method, case.path, response.status_code, response.text)
+
+            try:
+                check()
+            except Unsatisfiable:
+                assert mode == GenerationMode.NEGATIVE  # an operation without inputs has no invalid request
+
+
+def test_corrupted_images_never_give_a_server_error(client):
+    """Real files of each allowed format with random bytes overwritten or cut off: answered, or refused with a 4xx."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    picture = noisy_image(COLOURS["red"], 40)
+    files = [encoded(picture, fmt) for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")]
+
+    @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(index=st.sampled_from(range(len(files))), cut=st.floats(0.05, 1.0),
+           edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), max_size=8))
+    def check(index, cut, edits):
+        data = bytearray(files[index][: max(1, int(len(files[index]) * cut))])
+        for where, value in edits:
+            data[int(where * len(data))] = value
+        response = post(client, bytes(data), cam="true")
+        assert response.status_code in (200, 400, 413, 415), response.text
+        assert response.status_code == 200 or response.json()["detail"]
+
+    check()
+
+
+@pytest.fixture
+def server(run_dir):
+    """The app served by uvicorn on a free loopback port, in a background thread."""
+    yield from serve_in_thread(create_app(run_dir, backend="torch"))
+
+
+def test_the_page_in_a_real_browser(server, tmp_path):
+    executable = chromium_or_skip("uvicorn")
+    from playwright.sync_api import sync_playwright
+
+    artifacts = Path(os.environ.get("IMGTUNE_ARTIFACTS", tmp_path / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    picture = tmp_path / "red.png"
+    noisy_image(COLOURS["red"], 64, seed=11).save(picture)
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = launch_chromium(p, executable)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(server)
+            about = page.locator("#about").inner_text()
+            page.set_input_files("#file", str(picture))
+            page.wait_for_selector("#labels .row.top .label", timeout=20_000)
+            page.wait_for_function("() => document.getElementById('cam').naturalWidth > 0", timeout=20_000)
+            top = page.locator("#labels .row.top .label").inner_text()
+            rows = page.locator("#labels .row").count()
+            overflow = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+            page.screenshot(path=str(artifacts / "serve-page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
+    assert top in CLASSES and rows == len(CLASSES)
+    assert "validation accuracy 75.0%" in about and "red" in about
+    assert overflow <= 1, "the page scrolls sideways on a phone"
+    assert all(url.startswith((server, "data:", "blob:")) for url in requests)
+    assert (artifacts / "serve-page.png").stat().st_size > 0
