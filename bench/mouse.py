@@ -114,7 +114,7 @@ def run(args, tmp: Path) -> dict:
     test_files = list(_manifest_rows(rendered["test"].manifest))
 
     started = time.perf_counter()
-    from imgtune.deploy.export import load_predictor
+    from imgtune.deploy.predict import load_predictor
 
     predictor = load_predictor(tmp / "run", backend="torch")
     window_probs = _predict(predictor, valid_files + test_files)

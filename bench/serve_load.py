@@ -77,7 +77,7 @@ def load(url: str, body: bytes, *, requests: int, clients: int, cam: bool) -> di
 
 
 def serve_and_measure(run_dir: Path, backend: str, body: bytes, args) -> list[dict]:
-    from imgtune.deploy.serve import create_app
+    from imgtune.serve.app import create_app
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(run_dir, backend=backend), host="127.0.0.1", port=port,

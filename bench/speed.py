@@ -174,7 +174,9 @@ def compiled(args) -> dict:
 def loading_and_inference(args, model, backbone) -> dict:
     """Bundle inference (torch vs ONNX Runtime) with and without image loading; loading with and
     without the presize cache; on the pets sample's real JPEGs when present."""
-    from imgtune.deploy.export import OnnxPredictor, Predictor, save_bundle, write_onnx
+    from imgtune.deploy.predict import OnnxPredictor, Predictor
+    from imgtune.deploy.bundle import save_bundle
+    from imgtune.deploy.export import write_onnx
     from imgtune.train.learner import Learner
 
     out: dict = {}

@@ -9,7 +9,7 @@ from imgtune.data.catalogue import CATALOGUE
 from imgtune.curate.doctor import diagnose
 from imgtune.curate.download import download_images
 from imgtune.errors import ImgtuneError, UnreadableImageError
-from imgtune.deploy.export import Prediction, Predictor
+from imgtune.deploy.predict import Prediction, Predictor
 from imgtune.data.images import load_image
 from imgtune.explain.interpret import Interpretation, TopLoss
 from imgtune.train.learner import Learner, LRFinderResult, set_seed

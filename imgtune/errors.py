@@ -20,3 +20,10 @@ class UnreadableImageError(ImgtuneError):
     def __init__(self, message: str, kind: str = "decode"):
         super().__init__(message)
         self.kind = kind
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none): what a
+    one-line error shows of an exception raised by another library."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -182,7 +182,7 @@ def _fit_threads_to_cores() -> None:
     more only take turns on the same cores. Loader processes use one thread each (PyTorch's default)."""
     import torch
 
-    from imgtune.data.loaders import usable_cores
+    from imgtune.system import usable_cores
 
     cores = usable_cores()
     if torch.get_num_threads() > cores:
@@ -316,7 +316,7 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
 
     from tqdm import tqdm
 
-    from imgtune.deploy.export import load_predictor
+    from imgtune.deploy.predict import load_predictor
 
     if csv_path and Path(csv_path).exists() and not overwrite:
         raise ImgtuneError(f"{csv_path}: file exists; choose another --csv or pass --overwrite")
@@ -390,7 +390,7 @@ def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, 
     Without DATA it uses the run's own validation set (split.csv); with DATA (any source `train`
     accepts) it uses that data's validation split, whose classes must be among the model's.
     """
-    from imgtune.deploy.export import read_meta
+    from imgtune.deploy.bundle import read_meta
     from imgtune.explain.interpret import Interpretation
     from imgtune.explain.report import write_report
 
@@ -434,7 +434,7 @@ def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, 
 def serve(run_dir, host, port, max_bytes, max_pixels, timeout, backend):
     """Serve a web demo of RUN_DIR's model: a page to upload or photograph an image and see the top
     classes with the Grad-CAM overlay, and its JSON API (POST /api/predict; schema at /openapi.json)."""
-    from imgtune.deploy.serve import create_app
+    from imgtune.serve.app import create_app
 
     app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout, backend=backend)
     try:

@@ -43,6 +43,7 @@ from imgtune.data.loaders import find_items
 from imgtune.data.split import split_items
 from imgtune.errors import ImgtuneError, UnreadableImageError
 from imgtune.data.images import decode_image
+from imgtune.system import io_threads
 
 KINDS = {
     "corrupt": "cannot be read as an image",
@@ -176,7 +177,7 @@ def diagnose(
     """
     found = find_items(source, label_re=label_re, csv_path=csv_path, data_dir=data_dir)
     root = data_root(source, csv_path)
-    workers = workers or min(8, (os.cpu_count() or 1) + 1)
+    workers = workers or io_threads()
     with ThreadPoolExecutor(workers) as pool:
         infos = list(pool.map(inspect_image, found.items))
     readable = [info for info in infos if info.error is None]

@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from imgtune.files import atomic_writer
 
 #: The cache's subfolders, one per kind of entry (what ``imgtune cache clear --only`` accepts).
 KINDS = ("presized", "features", "onnx")
@@ -71,16 +72,8 @@ class ArrayStore:
             return None
 
     def put(self, key: str, array: np.ndarray) -> None:
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                np.save(out, np.ascontiguousarray(array), allow_pickle=False)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(self.path(key)) as out:
+            np.save(out, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def usage(cache_dir: str | Path | None = None) -> dict[str, dict[str, int]]:

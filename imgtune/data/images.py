@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgtune.errors import UnreadableImageError
+from imgtune.errors import first_line
 
 #: Above this many pixels a file is refused as a likely decompression bomb (PIL's own limit).
 MAX_PIXELS = 89_478_485
@@ -71,9 +72,9 @@ def decode_image(
         allowed = f"not an image in an allowed format ({', '.join(formats)})" if formats else None
         raise UnreadableImageError(allowed or "not an image file PIL can read", "format") from None
     except Image.DecompressionBombError as error:
-        raise UnreadableImageError(f"too many pixels ({_first_line(error)})", "pixels") from None
+        raise UnreadableImageError(f"too many pixels ({first_line(error)})", "pixels") from None
     except Exception as error:  # a header PIL cannot parse, whatever the decoder raises
-        raise UnreadableImageError(f"cannot decode ({_first_line(error)})") from None
+        raise UnreadableImageError(f"cannot decode ({first_line(error)})") from None
     # The pixel limit is checked here, not by turning PIL's DecompressionBombWarning into an error:
     # warnings.catch_warnings() swaps process-wide state and is not thread-safe, and check_images
     # decodes from a thread pool, where it left that "error" filter installed after loading.
@@ -90,7 +91,7 @@ def decode_image(
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
         except Exception as error:  # truncated or corrupt data, in whatever way the decoder says so
-            raise UnreadableImageError(f"cannot decode ({_first_line(error)})") from None
+            raise UnreadableImageError(f"cannot decode ({first_line(error)})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -135,6 +136,3 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]

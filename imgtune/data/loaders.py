@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.system import io_threads, usable_cores
 from imgtune.data.images import MAX_PIXELS, load_image
 from imgtune.data import shards
 from imgtune.data.presize import ImageView
@@ -49,7 +48,7 @@ def check_images(
             return str(error).removeprefix(f"{item.path}: ")
         return None
 
-    workers = workers or min(8, (os.cpu_count() or 1) + 1)
+    workers = workers or io_threads()
     with ThreadPoolExecutor(workers) as pool:
         reasons = list(pool.map(check, items))
     good = [item for item, reason in zip(items, reasons) if reason is None]
@@ -183,20 +182,6 @@ class ImageData:
         )
         valid_dl = DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, sampler=valid_sampler, **common)
         return train_dl, valid_dl
-
-
-def usable_cores(cgroup_cpu_max: str | Path = "/sys/fs/cgroup/cpu.max") -> int:
-    """The CPU cores this process may really use: its affinity mask, capped by a cgroup CPU quota (a
-    container limited to 2 CPUs on a 64-core host sees 64 in ``os.cpu_count()``, and PyTorch would
-    start 32 threads that fight over 2 cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def default_num_workers() -> int:

@@ -1,1 +1,1 @@
-"""Using a trained model: the bundle, predictors (PyTorch, ONNX Runtime), export, the web demo."""
+"""Using a trained model without the training code: the bundle, predictors (PyTorch, ONNX Runtime), ONNX export."""

@@ -125,7 +125,7 @@ class Interpretation:
         Raises:
             ImgtuneError: not a bundle, no ``split.csv``, or the data has classes the model lacks.
         """
-        from imgtune.deploy.export import Predictor
+        from imgtune.deploy.predict import Predictor
 
         run_dir = Path(run_dir)
         predictor = Predictor.load(run_dir, device=device)

@@ -26,7 +26,6 @@ does not depend on the order of the writes), so the same input gives the same by
 from __future__ import annotations
 
 import csv
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from imgtune.errors import ImgtuneError
+from imgtune.system import usable_cores
 
 KINDS = ("mouse", "series")
 SERIES_STYLES = ("line", "recurrence", "gaf")
@@ -462,7 +462,7 @@ def render_sessions(
                    columns=tuple(columns) if columns else None, time_column=time_column)
     jobs = [(session, out, options) for session in sessions]
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = usable_cores()
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
             results = list(pool.map(_render_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
@@ -604,7 +604,7 @@ def read_manifest(path: str | Path) -> dict[Path, str]:
 
 def predict_groups(predictor, files: Sequence[str | Path], groups: Sequence[str], *, bs: int = 32
                    ) -> tuple[GroupScores, list[tuple[Path, str]]]:
-    """Predict every window file with ``predictor`` (see :func:`imgtune.deploy.export.load_predictor`) and
+    """Predict every window file with ``predictor`` (see :func:`imgtune.deploy.predict.load_predictor`) and
     aggregate by group. Returns the scores and the ``(file, error)`` pairs of unreadable files."""
     probs, kept, errors = [], [], []
     for (path, prediction, error), group in zip(predictor.predict_files(list(files), bs=bs), groups):

@@ -26,6 +26,7 @@ from torch import nn
 
 from imgtune.data.shards import ShardSampler
 from imgtune.errors import ImgtuneError
+from imgtune.errors import first_line
 
 TIMEOUT_ENV = "IMGTUNE_DIST_TIMEOUT"
 #: Seconds a collective (or the start-up rendezvous) may wait for the other processes.
@@ -117,9 +118,7 @@ def lost_peer_message(error: BaseException) -> str | None:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo prefixes its source file and line
+    text = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error))  # gloo prefixes its source file and line
     return text[:300]
 
 

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
-import io
-import os
-import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from imgtune.data.cache import ArrayStore, cache_root, file_key
 from imgtune.data.presize import ImageView
 from imgtune.data.transforms import tensor_transform
+from imgtune.deploy.export import module_to_onnx
+from imgtune.files import atomic_write
 
 #: Views cached per image: the picture and its mirror image.
 FEATURE_VIEWS = 2
@@ -147,7 +146,7 @@ class FeatureExtractor:
         else:
             path = cache_root(self.cache_dir) / "onnx" / f"{self.fingerprint}-{self.size}.onnx"
             if not path.is_file():
-                _write_atomically(path, _export_body(self.body, self.size))
+                atomic_write(path, _export_body(self.body, self.size))
             model = str(path)
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
@@ -158,25 +157,11 @@ def _export_body(body: _Body, size: int) -> bytes:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    buffer = io.BytesIO()
     try:
-        # The TorchScript-based exporter, as in imgtune.deploy.export: needs only onnx, dynamic batch.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(body, (torch.zeros(2, 3, size, size, device=device),), buffer, input_names=["images"],
-                              output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)
+        return module_to_onnx(body, torch.zeros(2, 3, size, size, device=device), input_name="images",
+                              output_name="features")
     finally:
         model.train(was_training)
-    return buffer.getvalue()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(handle, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
 
 
 def _has_ort() -> bool:

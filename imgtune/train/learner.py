@@ -641,7 +641,7 @@ class Learner:
 
     def save(self, run_dir, **extra) -> "Learner":
         """Write the model bundle (``model.safetensors`` + ``model.json``) to ``run_dir``."""
-        from imgtune.deploy.export import save_bundle
+        from imgtune.deploy.bundle import save_bundle
 
         save_bundle(self, run_dir, **extra)
         return self

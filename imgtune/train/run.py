@@ -15,7 +15,7 @@ from imgtune.train import distributed
 from imgtune.data.loaders import ImageData, load_data
 from imgtune.data.presize import ImageView
 from imgtune.errors import ImgtuneError
-from imgtune.deploy.export import save_bundle, versions
+from imgtune.deploy.bundle import save_bundle, versions
 from imgtune.train.learner import Learner
 from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
 
@@ -168,7 +168,7 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def _report(learner: Learner, run_dir: Path, metrics: dict) -> None:
-    from imgtune.deploy.export import read_meta
+    from imgtune.deploy.bundle import read_meta
     from imgtune.explain.interpret import Interpretation
     from imgtune.explain.report import write_report
 

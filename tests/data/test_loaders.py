@@ -476,7 +476,7 @@ def test_train_folder_without_a_validation_folder_is_an_error(tmp_path):
 
 
 def test_usable_cores_respects_a_container_cpu_quota(tmp_path):
-    from imgtune.data.loaders import usable_cores
+    from imgtune.system import usable_cores
 
     affinity = usable_cores(tmp_path / "absent")
     quota = tmp_path / "cpu.max"

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from imgtune import ImgtuneError, Learner, Prediction, Predictor
-from imgtune.deploy.export import save_bundle
+from imgtune.deploy.bundle import save_bundle
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from imgtune import ImgtuneError, Learner, Predictor
-from imgtune.deploy.export import OnnxPredictor, export_onnx, load_predictor, onnx_max_difference
+from imgtune.deploy.predict import OnnxPredictor, load_predictor
+from imgtune.deploy.export import export_onnx, onnx_max_difference
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -132,7 +132,7 @@ def test_only_rank_zero_writes_and_reports(runs):
     meta = json.loads((root / "two" / "model.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["bs"] == 3
     assert "batch 3 x 2 processes = 6" in (root / "two" / "summary.txt").read_text()
-    from imgtune.deploy.export import load_predictor
+    from imgtune.deploy.predict import load_predictor
 
     predictor = load_predictor(root / "two")  # the plain module's weights: no "module." prefixes
     assert predictor.predict([next((root / "colours" / "red").iterdir())]).probs.shape == (1, 3)

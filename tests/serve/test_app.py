@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from imgtune.deploy.serve import create_app
+from imgtune.serve.app import create_app
 
 CLASSES = sorted(COLOURS)
 

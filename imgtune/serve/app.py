@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.errors import first_line
 
 #: The image formats the demo decodes; PIL's other decoders never see an upload.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -66,7 +67,7 @@ class Demo:
     """The loaded model, shared by every request: prediction (ONNX or PyTorch) and Grad-CAM (PyTorch)."""
 
     def __init__(self, run_dir: str | Path, *, backend: str = "auto"):
-        from imgtune.deploy.export import Predictor, load_predictor
+        from imgtune.deploy.predict import Predictor, load_predictor
         from imgtune.explain.interpret import Interpretation
 
         self.run_dir = Path(run_dir)
@@ -151,7 +152,7 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         max_bytes: the largest request body accepted (413 above).
         max_pixels: the most pixels an image may have, checked from its header (413 above).
         timeout: seconds one prediction may take (504 after).
-        backend: ``auto``, ``torch`` or ``onnx``, as for :func:`imgtune.deploy.export.load_predictor`.
+        backend: ``auto``, ``torch`` or ``onnx``, as for :func:`imgtune.deploy.predict.load_predictor`.
 
     Returns:
         A ``fastapi.FastAPI`` app; serve it with uvicorn.
@@ -232,14 +233,11 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
             raise
         except Exception as error:  # never a 5xx with a traceback: the image is what made it fail
             raise RequestError(400, f"cannot classify this image ({type(error).__name__}: "
-                                    f"{_first_line(error)[:150]})") from None
+                                    f"{first_line(error)[:150]})") from None
 
     return app
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 def _version() -> str:
