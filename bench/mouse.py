@@ -191,7 +191,7 @@ def _predict(predictor, files: list[str]) -> np.ndarray:
 
 def evaluate(valid_probs, test_probs, valid_files, test_files, manifest, classes, illegal) -> dict:
     """Window and session accuracy on the held-out sessions; the challenge's AUC on the test sessions."""
-    from imgtune.sequences.render import aggregate_windows
+    from imgtune.sequences.groups import aggregate_windows
 
     index = {c: i for i, c in enumerate(classes)}
     valid_labels = np.array([index[manifest[f]["label"]] for f in valid_files])
@@ -231,7 +231,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 def window_features_of(files, manifest, data: Path) -> np.ndarray:
     """Movement features of each window file's events (sessions read once each)."""
-    from imgtune.sequences.render import read_mouse_session
+    from imgtune.sequences.mouse import read_mouse_session
 
     sessions, rows = {}, []
     for f in files:
@@ -247,7 +247,7 @@ def window_features(events) -> np.ndarray:
     """40 numbers: speed (5), acceleration (3), curvature and straightness (5), extent (3), direction
     histogram (8), pauses and timing (6), clicks, drags and scrolls (5), duration and rate (2), 3 spare
     shape moments."""
-    from imgtune.sequences.render import BUTTONS, STATES, speed_acceleration
+    from imgtune.sequences.mouse import BUTTONS, STATES, speed_acceleration
 
     t, xy = events.t, events.xy.astype(float)
     speed, accel = speed_acceleration(t, xy)
@@ -319,7 +319,9 @@ def example_figure(root: Path, path: Path, *, size: int, users=("user7", "user35
     """Two windows of each of two users side by side, as imgtune render draws them."""
     from PIL import Image
 
-    from imgtune.sequences.render import draw_mouse_window, find_sessions, read_mouse_session, window_bounds
+    from imgtune.sequences.mouse import draw_mouse_window, read_mouse_session
+    from imgtune.sequences.render import find_sessions
+    from imgtune.sequences.windows import window_bounds
 
     gap = 4
     figure = Image.new("RGB", (len(users) * len(windows) * (size + gap) - gap, size), (48, 48, 48))

@@ -8,6 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+# mkstemp creates files readable by their owner only; a file written here gets the permissions an
+# ordinary open() would give it (0o666 less the umask). The umask is read once, at import, because
+# reading it means setting it, which is not safe while other threads create files.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
@@ -21,6 +28,7 @@ def atomic_writer(path: str | Path, *, fsync: bool = False) -> Iterator[BinaryIO
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, FILE_MODE)
         with os.fdopen(handle, "wb") as out:
             yield out
             if fsync:

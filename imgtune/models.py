@@ -79,7 +79,7 @@ def get_backbone(arch: str) -> Backbone:
         return REGISTRY[arch]
     base = arch.split(".")[0]
     if base not in timm.list_models():
-        raise ImgtuneError(f"unknown --arch {arch!r}: not in imgtune's registry ({', '.join(REGISTRY)}) nor in timm")
+        raise ImgtuneError(f"unknown `arch` {arch!r}: not in imgtune's registry ({', '.join(REGISTRY)}) nor in timm")
     cfg = timm.get_pretrained_cfg(arch) or timm.get_pretrained_cfg(base)
     mean = tuple(cfg.mean) if cfg else IMAGENET_MEAN
     std = tuple(cfg.std) if cfg else IMAGENET_STD
@@ -139,7 +139,7 @@ def _hub_state_dict(backbone: Backbone) -> dict[str, torch.Tensor]:
     name = f"{backbone.timm_name}.{backbone.hub_tag}" if backbone.hub_tag else backbone.timm_name
     way_out = (
         f"{backbone.name} downloads its ImageNet weights from the Hugging Face hub, which {{why}}; connect to the "
-        f"internet once (they are cached), or pass --weights PATH with a local .safetensors/.pth file "
+        f"internet once (they are cached), or pass `weights=PATH` with a local .safetensors/.pth file "
         f"(e.g. saved with torch.save(timm.create_model('{name}', pretrained=True).state_dict(), PATH))"
     )
     cfg = timm.get_pretrained_cfg(name)
@@ -215,7 +215,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, source: st
         example = (mismatched or missing)[0]
         raise ImgtuneError(
             f"{source} do not fit {type(model).__name__}: {len(missing)} missing and {len(mismatched)} mismatched"
-            f" tensors (e.g. {example}); check --arch matches the weights"
+            f" tensors (e.g. {example}); check `arch` matches the weights"
         )
     usable = {k: v for k, v in state.items() if k in target and v.shape == target[k].shape}
     model.load_state_dict(usable, strict=False)

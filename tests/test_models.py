@@ -180,7 +180,7 @@ def test_weights_with_other_names_load_by_position(tmp_path, num_classes):
 def test_weights_of_another_architecture_are_an_imgtune_error(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(create_model("test_resnet", 1000, weights="none").state_dict(), str(path))
-    with pytest.raises(ImgtuneError, match="--arch"):
+    with pytest.raises(ImgtuneError, match="`arch`"):
         create_model("resnet34", 10, weights=path)
 
 
@@ -226,7 +226,7 @@ def test_hub_weights_offline_fail_fast_and_point_to_weights_path(tmp_path, monke
     # An empty hub cache, whatever this machine has cached; HF_HUB_OFFLINE=1 comes from conftest.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     started = time.monotonic()
-    with pytest.raises(ImgtuneError, match="--weights") as error:
+    with pytest.raises(ImgtuneError, match="`weights=PATH`") as error:
         create_model("resnet34", 3)
     assert time.monotonic() - started < 20
     assert "offline" in str(error.value)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imgtune.errors import UnreadableImageError
-from imgtune.errors import first_line
+from imgtune.errors import UnreadableImageError, first_line
 
 #: Above this many pixels a file is refused as a likely decompression bomb (PIL's own limit).
 MAX_PIXELS = 89_478_485
@@ -134,5 +133,3 @@ def _to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     else:
         scale = 255.0 / top
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
-
-

@@ -1,26 +1,33 @@
-"""Check, split and batch labelled images from any source: :func:`load_data`, :class:`ImageData`, loaders.
-"""
+"""Check, split and batch labelled images from any source: :func:`load_data`, :class:`ImageData`, loaders."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgtune.errors import ImgtuneError, UnreadableImageError
-from imgtune.system import io_threads, usable_cores
+from imgtune.data import catalogue, shards
 from imgtune.data.images import MAX_PIXELS, load_image
-from imgtune.data import shards
 from imgtune.data.presize import ImageView
-from imgtune.data.sources import Item, ItemList, Skipped, items_from_csv, items_from_folder, items_from_name_re
+from imgtune.data.sources import (
+    Item,
+    ItemList,
+    Skipped,
+    items_from_csv,
+    items_from_folder,
+    items_from_name_re,
+)
 from imgtune.data.split import split_items
 from imgtune.data.transforms import tensor_transform, train_transform
+from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.system import io_threads, usable_cores
 
 
 def check_images(
@@ -29,13 +36,23 @@ def check_images(
     min_size: int | None = None,
     max_pixels: int = MAX_PIXELS,
     workers: int | None = None,
-    view: "ImageView | None" = None,
+    view: ImageView | None = None,
 ) -> tuple[list[Item], list[Skipped]]:
     """Decode every image once; return the readable items and the skipped files with reasons.
 
     With a cached ``view``, a file whose presized picture is already in the cache counts as readable
     without decoding it again, and every file decoded here is presized and stored, so training and
     later runs read the small cached picture instead of decoding the original.
+
+    Args:
+        items: the images to check.
+        min_size: decode JPEGs at a reduced scale down to this side (see :func:`load_image`).
+        max_pixels: refuse images with more pixels than this.
+        workers: threads decoding at once (default: :func:`imgtune.system.io_threads`).
+        view: check through this view's presize cache.
+
+    Returns:
+        ``(readable, skipped)``: the items that decode, in order, and a :class:`Skipped` per other file.
     """
 
     def check(item: Item) -> str | None:
@@ -79,8 +96,8 @@ class ImageData:
         seed: int = 42,
         check: bool = True,
         max_pixels: int = MAX_PIXELS,
-        view: "ImageView | None" = None,
-    ) -> "ImageData":
+        view: ImageView | None = None,
+    ) -> ImageData:
         """Check the images (unless ``check=False``; through the presize cache of ``view`` when given),
         split them and fix the class order."""
         items, skipped = list(found.items), list(found.skipped)
@@ -109,7 +126,7 @@ class ImageData:
         if empty:
             raise ImgtuneError(f"class {empty[0]!r} has no readable training images; add some or remove the class")
         if not self.valid:
-            raise ImgtuneError("the validation set is empty; raise --valid-pct or add a valid/ folder")
+            raise ImgtuneError("the validation set is empty; raise `valid_pct` or add a valid/ folder")
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each split, in class order."""
@@ -117,6 +134,7 @@ class ImageData:
         return {c: {"train": train[c], "valid": valid[c]} for c in self.classes}
 
     def summary(self) -> str:
+        """A few lines for the terminal: the source, the counts, and the first skipped files."""
         lines = [
             f"data: {self.description}",
             f"  {len(self.classes)} classes, {len(self.train)} train / {len(self.valid)} valid images,"
@@ -130,7 +148,7 @@ class ImageData:
 
     def datasets(
         self, *, size: int, resize: str, mean, std, augment: bool = True, cache: bool = False, cache_dir=None
-    ) -> tuple["ImageDataset", "ImageDataset"]:
+    ) -> tuple[ImageDataset, ImageDataset]:
         """Train and valid datasets. With ``cache``, each image is decoded and presized once and the
         picture kept on disk (see :class:`ImageView`), so later epochs and runs skip the decoding."""
         index = {c: i for i, c in enumerate(self.classes)}
@@ -193,8 +211,6 @@ def default_num_workers() -> int:
 def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
-    import random
-
     random.seed(seed)
 
 
@@ -202,7 +218,7 @@ class ImageDataset(Dataset):
     """Items as (image tensor, class index) pairs: ``view`` loads the presized picture, ``transform``
     augments it (training) and turns it into a normalised tensor."""
 
-    def __init__(self, items: Sequence[Item], class_index: dict[str, int], transform, view: "ImageView"):
+    def __init__(self, items: Sequence[Item], class_index: dict[str, int], transform, view: ImageView):
         self.items = list(items)
         self.class_index = class_index
         self.transform = transform
@@ -224,12 +240,10 @@ def find_items(
     data_dir: str | Path | None = None,
 ) -> ItemList:
     """Find items from a path, a CSV, or a named dataset (``None`` is the embedded default)."""
-    from imgtune.data import catalogue as datasets
-
     if csv_path is not None:
         return items_from_csv(csv_path, root=source)
-    if source is None or (str(source) in datasets.CATALOGUE and not Path(source).exists()):
-        return datasets.get(str(source) if source is not None else datasets.DEFAULT).items(data_dir=data_dir)
+    if source is None or (str(source) in catalogue.CATALOGUE and not Path(source).exists()):
+        return catalogue.get(str(source) if source is not None else catalogue.DEFAULT).items(data_dir=data_dir)
     if label_re:
         return items_from_name_re(source, label_re)
     return items_from_folder(source)

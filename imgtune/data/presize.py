@@ -1,5 +1,4 @@
-"""How a file becomes the picture the transforms start from, decoded and resized once (and cached).
-"""
+"""How a file becomes the picture the transforms start from, decoded and resized once (and cached)."""
 
 from __future__ import annotations
 
@@ -10,11 +9,10 @@ import numpy as np
 from PIL import Image
 from torchvision.transforms import v2
 
-from imgtune.errors import UnreadableImageError
-from imgtune.data.images import MAX_PIXELS, load_image
 from imgtune.data.cache import ArrayStore, cache_root, file_key
-from imgtune.data.transforms import _resize
-
+from imgtune.data.images import MAX_PIXELS, load_image
+from imgtune.data.transforms import resize_steps
+from imgtune.errors import UnreadableImageError
 
 #: The training view keeps this much more than the training size, so random crops stay sharp.
 TRAIN_PRESIZE = 1.25
@@ -38,7 +36,7 @@ class ImageView:
             raise ValueError(f"kind must be 'valid' or 'train', not {kind!r}")
         self.size, self.resize, self.kind = size, resize, kind
         self.min_side = size if kind == "valid" else math.ceil(TRAIN_PRESIZE * size)
-        self.resizer = v2.Compose(_resize(size, resize)) if kind == "valid" else None
+        self.resizer = v2.Compose(resize_steps(size, resize)) if kind == "valid" else None
         self.name = f"{kind}-{size}-{resize}" if kind == "valid" else f"train-{self.min_side}"
         self.store = None if cache_dir is False else ArrayStore(cache_root(cache_dir) / "presized" / self.name)
 
@@ -68,6 +66,7 @@ class ImageView:
             self.store.put(key, _to_array(self.make(load_image(path, min_size=self.min_side, max_pixels=max_pixels))))
 
     def make(self, image: Image.Image) -> Image.Image:
+        """The presized picture of a decoded ``image`` (see the class docstring)."""
         if self.resizer is not None:
             return self.resizer(image)
         short = min(image.size)

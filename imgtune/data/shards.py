@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
@@ -19,10 +19,12 @@ DEBUG_SHARDS_ENV = "IMGTUNE_DEBUG_SHARDS"
 
 
 def rank() -> int:
+    """This process's rank under torch.distributed (0 without a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    """The number of processes under torch.distributed (1 without a process group)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -83,5 +85,3 @@ def record_shard(loader, *, phase: str, epoch: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
-
-

@@ -1,6 +1,5 @@
 """Where labelled images come from: class folders (optionally under train/ and valid/), labels in
-file names (``label_re``), a CSV of ``file,label[,split][,group]``. The data folder is only ever read.
-"""
+file names (``label_re``), a CSV of ``file,label[,split][,group]``. The data folder is only ever read."""
 
 from __future__ import annotations
 
@@ -9,20 +8,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from imgtune.errors import ImgtuneError
 
-
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-
-
 #: The Oxford-IIIT Pet file-name pattern: ``great_pyrenees_12.jpg`` -> ``great_pyrenees``.
 PETS_LABEL_RE = r"^(.+)_\d+\.(jpe?g|png)$"
-
-
+#: Folder names (any case) and CSV ``split`` values that mean the training or the validation set.
 TRAIN_NAMES = ("train", "training")
-
-
 VALID_NAMES = ("valid", "val", "validation")
 
 
@@ -56,6 +48,7 @@ class ItemList:
 
 
 def is_image_file(path: Path) -> bool:
+    """Whether ``path`` names an image by its extension (hidden files are not)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
@@ -84,7 +77,7 @@ def items_from_folder(root: str | Path) -> ItemList:
     if not items:
         loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
         hint = (
-            " it holds image files directly: pass --label-re to read labels from their names"
+            " it holds image files directly: pass `label_re` to read labels from their names"
             if loose
             else " put the images of each class in a subfolder named after the class"
         )
@@ -111,9 +104,9 @@ def items_from_name_re(root: str | Path, label_re: str) -> ItemList:
     try:
         pattern = re.compile(label_re)
     except re.error as error:
-        raise ImgtuneError(f"--label-re {label_re!r} is not a valid regular expression: {error}") from None
+        raise ImgtuneError(f"`label_re` {label_re!r} is not a valid regular expression: {error}") from None
     if pattern.groups < 1:
-        raise ImgtuneError(f"--label-re {label_re!r} needs a group (...) that captures the label")
+        raise ImgtuneError(f"`label_re` {label_re!r} needs a group (...) that captures the label")
     items, skipped = [], []
     for path in sorted(root.rglob("*")):
         if not (path.is_file() and is_image_file(path)):
@@ -126,7 +119,7 @@ def items_from_name_re(root: str | Path, label_re: str) -> ItemList:
         split = "train" if parent in TRAIN_NAMES else "valid" if parent in VALID_NAMES else None
         items.append(Item(path, match.group(1), split))
     if not items:
-        raise ImgtuneError(f"{root}: no image file name matches --label-re {label_re!r}")
+        raise ImgtuneError(f"{root}: no image file name matches `label_re` {label_re!r}")
     return ItemList(items=items, skipped=skipped, description=f"{root} (labels from file names)")
 
 
@@ -178,5 +171,5 @@ def _existing_dir(root: str | Path) -> Path:
     if not root.exists():
         raise ImgtuneError(f"{root}: no such folder (or dataset name; see `imgtune datasets`)")
     if not root.is_dir():
-        raise ImgtuneError(f"{root}: not a folder; for a CSV of file,label pass --csv {root}")
+        raise ImgtuneError(f"{root}: not a folder; for a CSV of file,label pass `csv_path={root}`")
     return root

@@ -1,14 +1,11 @@
-"""Resizing and augmentation: from a presized picture to the normalised tensor a model takes.
-"""
+"""Resizing and augmentation: from a presized picture to the normalised tensor a model takes."""
 
 from __future__ import annotations
-
 
 import torch
 from torchvision.transforms import v2
 
 from imgtune.errors import ImgtuneError
-
 
 RESIZE_METHODS = ("crop", "squish", "pad")
 
@@ -26,14 +23,16 @@ class ResizeToFit:
         return v2.functional.resize(image, list(new), antialias=True)
 
 
-def _resize(size: int, resize: str) -> list:
+def resize_steps(size: int, resize: str) -> list:
+    """The deterministic transforms that make any picture ``size`` x ``size`` by ``resize``
+    (one of ``RESIZE_METHODS``)."""
     if resize == "crop":
         return [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     if resize == "squish":
         return [v2.Resize((size, size), antialias=True)]
     if resize == "pad":
         return [ResizeToFit(size), v2.CenterCrop(size)]  # CenterCrop pads a smaller image with black
-    raise ImgtuneError(f"--resize must be one of {', '.join(RESIZE_METHODS)}, not {resize!r}")
+    raise ImgtuneError(f"`resize` must be one of {', '.join(RESIZE_METHODS)}, not {resize!r}")
 
 
 def _to_tensor(mean, std) -> list:
@@ -47,7 +46,7 @@ def tensor_transform(mean, std) -> v2.Compose:
 
 def valid_transform(size: int, resize: str, mean, std) -> v2.Compose:
     """Deterministic: resize by ``resize`` to ``size`` x ``size``, then normalise."""
-    return v2.Compose(_resize(size, resize) + _to_tensor(mean, std))
+    return v2.Compose(resize_steps(size, resize) + _to_tensor(mean, std))
 
 
 def train_transform(size: int, resize: str, mean, std) -> v2.Compose:
@@ -56,7 +55,7 @@ def train_transform(size: int, resize: str, mean, std) -> v2.Compose:
     if resize == "crop":
         geometry = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True)]
     else:
-        geometry = _resize(size, resize) + [v2.RandomAffine(degrees=0, scale=(1.0, 1.2))]
+        geometry = resize_steps(size, resize) + [v2.RandomAffine(degrees=0, scale=(1.0, 1.2))]
     return v2.Compose(
         geometry
         + [
