@@ -11,7 +11,7 @@ loss, and serves a FastAPI app (meant for 127.0.0.1 only):
 
 Relabelling moves the file to the other class folder (class-folder data) or rewrites its CSV row
 (CSV data); quarantining moves it beside the data, as ``imgtune doctor --fix`` does. Every change
-goes to the same log (:class:`imgtune.curate.doctor.ChangeLog`), so ``imgtune doctor --undo`` undoes it too.
+goes to the same log (:class:`imgtune.curate.changelog.ChangeLog`), so ``imgtune doctor --undo`` undoes it too.
 A path from the page is refused unless it names, inside the data folder and without leaving it
 through ``..``, an absolute path or a symlink, one of the images being cleaned.
 """
@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
-from imgtune.curate.doctor import ChangeLog, data_root, move_file, quarantine, set_csv_label, undo
+from imgtune.curate.changelog import ChangeLog, free_name, move_file, quarantine, set_csv_label, undo
+from imgtune.curate.doctor import data_root
+from imgtune.curate.pages import render
 from imgtune.errors import ImgtuneError, UnreadableImageError
 
 THUMBNAIL = 256
@@ -79,7 +81,7 @@ class CleanSession:
             from imgtune.data.catalogue import CATALOGUE
 
             why = "a named dataset is read-only" if str(data) in CATALOGUE else "no such folder"
-            raise ImgtuneError(f"{data}: {why}; clean needs a folder of images (or one with --csv)")
+            raise ImgtuneError(f"{data}: {why}; clean needs a folder of images (or one with `csv_path`)")
         self.root, self.log = root, ChangeLog(root)
         self.csv_path = Path(csv_path).resolve() if csv_path is not None else None
         self.mode = "csv" if csv_path is not None else "names" if label_re else "folders"
@@ -216,8 +218,6 @@ class CleanSession:
 
     def _class_path(self, entry: Entry, label: str) -> Path:
         """The same file in the class folder of ``label`` (the same split folder, if any)."""
-        from imgtune.curate.doctor import free_name
-
         parts = list(entry.path.relative_to(self.root).parts)
         at = parts.index(entry.label)  # the class folder: first (or second, under train/ or valid/)
         parts[at] = label
@@ -292,7 +292,7 @@ def create_app(session: CleanSession):
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return PAGE.replace("__TITLE__", _html(session.root.name))
+        return render("clean.html", title=session.root.name)
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
@@ -331,131 +331,3 @@ def create_app(session: CleanSession):
         return {"log": str(session.log.path), "batches": session.log.batches()}
 
     return app
-
-
-def _html(text: str) -> str:
-    import html
-
-    return html.escape(text)
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>imgtune clean: __TITLE__</title>
-<style>
-  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 80rem; padding: 1rem; color: #222; }
-  header { display: flex; flex-wrap: wrap; gap: .8rem; align-items: center; }
-  h1 { font-size: 1.3rem; margin: 0; }
-  #status { min-height: 1.3rem; color: #555; }
-  #status.error { color: #b00020; }
-  #grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(14rem, 1fr)); gap: .8rem; margin-top: .8rem; }
-  .card { border: 1px solid #ccc; border-radius: .5rem; padding: .5rem; }
-  .card.kept { border-color: #3a8; } .card.relabelled { border-color: #38c; }
-  .card.quarantined { opacity: .45; }
-  .card img, .gone { width: 100%; height: 12rem; object-fit: contain; background: #f4f4f4; }
-  .gone { display: grid; place-items: center; color: #777; }
-  .name { font-size: .8rem; color: #555; overflow-wrap: anywhere; }
-  .actions { display: flex; flex-wrap: wrap; gap: .3rem; margin-top: .3rem; }
-  button, select { font: inherit; }
-</style>
-</head>
-<body>
-<header>
-  <h1>imgtune clean: __TITLE__</h1>
-  <label>class <select id="filter"><option value="">all</option></select></label>
-  <button id="undo">Undo last change</button>
-</header>
-<p>Most suspicious first: the images whose label the model finds least likely.</p>
-<div id="status" role="status"></div>
-<div id="grid"></div>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let state = { classes: [], items: [], mode: "folders" };
-
-function show(text, isError) { $("status").textContent = text; $("status").className = isError ? "error" : ""; }
-
-async function call(url, body) {
-  const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
-                                      body: JSON.stringify(body || {}) });
-  const answer = await response.json();
-  if (!response.ok) throw new Error(answer.detail || response.statusText);
-  return answer;
-}
-
-async function act(url, body, done) {
-  try { await call(url, body); show(done, false); } catch (error) { show(String(error.message), true); }
-  await load();
-}
-
-function card(item) {
-  const div = document.createElement("div");
-  div.className = "card " + item.status;
-  div.dataset.path = item.path;
-  let img = document.createElement("img");
-  img.alt = item.path;
-  img.loading = "lazy";
-  if (item.status !== "quarantined") img.src = "api/image?path=" + encodeURIComponent(item.path);
-  else { img = document.createElement("div"); img.className = "gone"; img.textContent = "in quarantine"; }
-  const name = document.createElement("div");
-  name.className = "name";
-  name.textContent = item.path;
-  const about = document.createElement("div");
-  about.className = "about";
-  about.textContent = `label ${item.label} (${(100 * item.given_probability).toFixed(0)}%), ` +
-    `model: ${item.predicted} ${(100 * item.probability).toFixed(0)}%` + (item.status ? ` [${item.status}]` : "");
-  const actions = document.createElement("div");
-  actions.className = "actions";
-  if (item.status !== "quarantined") {
-    const keep = document.createElement("button");
-    keep.className = "keep"; keep.textContent = "Keep";
-    keep.onclick = () => act("api/keep", { path: item.path }, "kept " + item.path);
-    const choice = document.createElement("select");
-    choice.className = "label";
-    state.classes.filter((c) => c !== item.label).forEach((c) => choice.append(new Option(c, c)));
-    if (item.predicted !== item.label) choice.value = item.predicted;
-    const relabel = document.createElement("button");
-    relabel.className = "relabel"; relabel.textContent = "Relabel";
-    relabel.disabled = state.mode === "names";
-    relabel.onclick = () => act("api/relabel", { path: item.path, label: choice.value },
-                                `relabelled ${item.path} as ${choice.value}`);
-    const away = document.createElement("button");
-    away.className = "quarantine"; away.textContent = "Quarantine";
-    away.onclick = () => act("api/quarantine", { path: item.path }, "quarantined " + item.path);
-    actions.append(keep, choice, relabel, away);
-  }
-  div.append(img, name, about, actions);
-  return div;
-}
-
-function render() {
-  const wanted = $("filter").value;
-  $("grid").replaceChildren(...state.items.filter((i) => !wanted || i.label === wanted).map(card));
-}
-
-async function load() {
-  const response = await fetch("api/items");
-  state = await response.json();
-  const filter = $("filter"), chosen = filter.value;
-  filter.replaceChildren(new Option("all", ""), ...state.classes.map((c) => new Option(c, c)));
-  filter.value = chosen;
-  render();
-  document.body.dataset.loaded = String(Date.now());
-}
-
-$("filter").addEventListener("change", render);
-$("undo").addEventListener("click", async () => {
-  try {
-    const answer = await call("api/undo");
-    show(answer.undone ? `undid ${answer.undone} change(s)` : "nothing to undo", false);
-  } catch (error) { show(String(error.message), true); }
-  await load();
-});
-load();
-</script>
-</body>
-</html>
-"""

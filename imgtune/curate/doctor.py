@@ -14,35 +14,31 @@ a list of :class:`Problem` of these kinds.
 - ``mixed_mode``: a few grayscale images among colour ones (or the other way round).
 - ``mislabel``: images whose label an out-of-fold model finds least likely (see :mod:`imgtune.curate.mislabel`).
 
+:func:`write_outputs` writes ``doctor.json`` and a gallery of the problems (``templates/doctor.html``).
 :func:`fix` moves the files of chosen kinds into a quarantine folder beside the data (never deleting,
-never overwriting) and records the moves in a :class:`ChangeLog`, which :func:`undo` replays backwards.
-The page of ``imgtune clean`` writes its relabels and quarantines to the same log.
+never overwriting) and records the moves in the change log of :mod:`imgtune.curate.changelog`, whose
+:func:`~imgtune.curate.changelog.undo` replays them backwards. The page of ``imgtune clean`` writes
+its relabels and quarantines to the same log.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import hashlib
-import html
-import io
 import json
-import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
-from imgtune.data.sources import Item, is_image_file
+from imgtune.curate.changelog import quarantine
+from imgtune.curate.hashing import ImageInfo, inspect_image
+from imgtune.curate.pages import jpeg_data_uri, render
 from imgtune.data.loaders import find_items
+from imgtune.data.sources import Item, is_image_file
 from imgtune.data.split import split_items
-from imgtune.errors import ImgtuneError, UnreadableImageError
-from imgtune.data.images import decode_image
+from imgtune.errors import ImgtuneError
 from imgtune.system import io_threads
 
 KINDS = {
@@ -62,9 +58,6 @@ KINDS = {
 #: What ``--fix`` moves unless told otherwise: files that can only harm training. Each duplicate
 #: keeps its first copy; every copy of a conflict goes, since nothing says which label is right.
 DEFAULT_FIX = ("corrupt", "duplicate", "conflict")
-QUARANTINE_SUFFIX = ".quarantine"
-LOG_NAME = "changes.jsonl"
-HASH_BITS = 64
 
 
 @dataclass
@@ -79,19 +72,6 @@ class Problem:
     def to_json(self, root: Path | None) -> dict:
         return {"kind": self.kind, "files": [_shown(p, root) for p in self.files], "detail": self.detail,
                 "fix": [_shown(p, root) for p in self.fix]}
-
-
-@dataclass
-class ImageInfo:
-    """What one read of a file tells: content hash, size, colour, perceptual hash, or why it failed."""
-
-    item: Item
-    sha256: str = ""
-    error: str | None = None
-    width: int = 0
-    height: int = 0
-    grayscale: bool = False
-    phash: int | None = None  # None for unreadable or flat images (their hashes say nothing)
 
 
 @dataclass
@@ -209,56 +189,6 @@ def diagnose(
                      n_files=len(infos), settings=settings)
 
 
-def inspect_image(item: Item) -> ImageInfo:
-    """Read one file: its content hash, then decode it for its size, colour and perceptual hash."""
-    info = ImageInfo(item)
-    try:
-        data = item.path.read_bytes()
-    except OSError as error:
-        info.error = f"cannot read ({error.strerror or error})"
-        return info
-    info.sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            info.width, info.height = header.size
-        image = decode_image(data, min_size=64)
-    except UnreadableImageError as error:
-        info.error = str(error)
-        return info
-    except Exception as error:  # whatever PIL raises for a header it cannot parse
-        info.error = f"not an image file PIL can read ({type(error).__name__})"
-        return info
-    small = np.asarray(image.resize((32, 32), Image.BILINEAR), dtype=np.int16)
-    info.grayscale = bool(np.abs(small[..., 0] - small[..., 1]).max() <= 6
-                          and np.abs(small[..., 1] - small[..., 2]).max() <= 6)
-    info.phash = perceptual_hash(image)
-    return info
-
-
-def perceptual_hash(image: Image.Image) -> int | None:
-    """A 64-bit pHash: the signs of the 8x8 lowest frequencies of a 32x32 grayscale DCT against their median.
-
-    Resizing and recompressing an image changes few of these bits; different pictures differ in
-    about half. Returns ``None`` for a flat image (no detail to hash).
-    """
-    gray = np.asarray(image.convert("L").resize((32, 32), Image.LANCZOS), dtype=np.float64)
-    if gray.std() < 1.0:
-        return None
-    low = (_DCT @ gray @ _DCT.T)[:8, :8].flatten()
-    bits = low > np.median(low[1:])  # the DC term (overall brightness) would skew the median
-    return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
-
-
-def _dct_matrix(n: int) -> np.ndarray:
-    k, i = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    matrix = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
-    matrix[0] /= np.sqrt(2.0)
-    return matrix
-
-
-_DCT = _dct_matrix(32)
-
-
 def _exact_duplicates(infos: Sequence[ImageInfo]) -> list[Problem]:
     groups: dict[str, list[ImageInfo]] = {}
     for info in infos:
@@ -373,150 +303,35 @@ def write_outputs(diagnosis: Diagnosis, out: str | Path, *, max_per_kind: int = 
 
 
 def gallery(diagnosis: Diagnosis, *, max_per_kind: int = 100, thumb: int = 128) -> str:
-    """The problems as one HTML page, thumbnails embedded as JPEG data URIs (nothing is fetched)."""
-    e = html.escape
-    parts = [f"<h1>imgtune doctor</h1><p>{e(diagnosis.description)}: {diagnosis.n_files} files</p>",
-             "<table><tr><th>class</th><th>train</th><th>valid</th></tr>"]
-    parts += [f"<tr><td>{e(c)}</td><td>{n['train']}</td><td>{n['valid']}</td></tr>"
-              for c, n in diagnosis.counts.items()]
-    parts.append("</table>")
-    kinds = diagnosis.by_kind()
-    for kind in KINDS:
-        if not kinds[kind]:
-            continue
-        parts.append(f"<h2 id='{kind}'>{kinds[kind]} {kind}: {e(KINDS[kind])}</h2>")
-        for problem in [p for p in diagnosis.problems if p.kind == kind][:max_per_kind]:
-            figures = "".join(_figure(p, diagnosis.root, p in problem.fix, thumb) for p in problem.files[:6])
-            parts.append(f"<div class='problem'><p>{e(problem.detail)}</p><div class='row'>{figures}</div></div>")
-        if kinds[kind] > max_per_kind:
-            parts.append(f"<p>... and {kinds[kind] - max_per_kind} more in doctor.json</p>")
-    if not kinds:
-        parts.append("<p>No problems found.</p>")
-    return PAGE.replace("__BODY__", "\n".join(parts))
+    """The problems as one HTML page (``templates/doctor.html``), thumbnails embedded as JPEG data
+    URIs so that nothing is fetched.
 
-
-def _figure(path: Path, root: Path | None, fixed: bool, thumb: int) -> str:
-    try:
-        image = decode_image(Path(path), min_size=thumb)
-        image.thumbnail((thumb, thumb))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
-        picture = f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}' alt=''>"
-    except (UnreadableImageError, OSError):
-        picture = "<div class='broken'>cannot be read</div>"
-    mark = " <b>(--fix moves it)</b>" if fixed else ""
-    return f"<figure>{picture}<figcaption>{html.escape(_shown(path, root))}{mark}</figcaption></figure>"
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>imgtune doctor</title>
-<style>
-  body { font: 15px/1.4 system-ui, sans-serif; margin: 0 auto; max-width: 70rem; padding: 1rem; color: #222; }
-  table { border-collapse: collapse; } td, th { padding: .1rem .6rem; text-align: left; }
-  .problem { border-top: 1px solid #ddd; padding: .3rem 0; }
-  .row { display: flex; flex-wrap: wrap; gap: .6rem; }
-  figure { margin: 0; width: 128px; } img { max-width: 128px; max-height: 128px; display: block; }
-  figcaption { font-size: .75rem; overflow-wrap: anywhere; color: #555; }
-  .broken { width: 128px; height: 64px; background: #fde; color: #900; display: grid; place-items: center; }
-</style></head>
-<body>
-__BODY__
-</body></html>
-"""
-
-
-# --- quarantine and the change log (shared with `imgtune clean`) ------------------------------------
-
-
-def quarantine_dir(root: str | Path) -> Path:
-    """The quarantine folder beside the data: ``data/bears`` -> ``data/bears.quarantine``."""
-    root = Path(root).resolve()
-    return root.parent / f"{root.name}{QUARANTINE_SUFFIX}"
-
-
-class ChangeLog:
-    """An append-only log of changes to a dataset, one JSON line per batch, in the quarantine folder.
-
-    A batch is ``{"batch": n, "time": ..., "by": ..., "changes": [...]}``; its undo appends
-    ``{"batch": n, "undone": true, ...}``. Paths are relative to the folder that holds the data
-    (so that the data and its quarantine can move together). The changes are
-
-    - ``{"op": "move", "src": ..., "dst": ...}``: a file renamed (quarantined or relabelled);
-    - ``{"op": "relabel_csv", "csv": ..., "file": ..., "old": ..., "new": ...}``: a CSV row's label;
-    - ``{"op": "keep", "file": ...}``: an image looked at and kept (nothing changes on disk).
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self.base = self.root.parent
-        self.path = quarantine_dir(self.root) / LOG_NAME
-
-    def entries(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-    def batches(self) -> list[dict]:
-        """The batches not undone, oldest first."""
-        entries = self.entries()
-        undone = {e["batch"] for e in entries if e.get("undone")}
-        return [e for e in entries if "changes" in e and e["batch"] not in undone]
-
-    def relative(self, path: str | Path) -> str:
-        return Path(os.path.relpath(Path(path).resolve(), self.base)).as_posix()
-
-    def absolute(self, relative: str) -> Path:
-        return self.base / relative
-
-    def record(self, changes: list[dict], by: str) -> int:
-        """Append a batch of changes already made; returns its number."""
-        number = max([e["batch"] for e in self.entries()], default=0) + 1
-        self._append({"batch": number, "time": _now(), "by": by, "changes": changes})
-        return number
-
-    def _append(self, entry: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-
-def move_file(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` only if nothing is at ``dst`` (an atomic rename; never an overwrite)."""
-    if os.path.lexists(dst):
-        raise ImgtuneError(f"{dst}: already exists; not overwriting it (move it away and try again)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(src, dst)
-
-
-def free_name(path: Path) -> Path:
-    """``path``, or ``name-1.ext``, ``name-2.ext``, ... whichever is free first."""
-    candidate, n = path, 1
-    while os.path.lexists(candidate):
-        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
-    return candidate
-
-
-def quarantine(root: str | Path, paths: Sequence[str | Path], *, by: str = "imgtune doctor --fix") -> list[dict]:
-    """Move ``paths`` (files inside ``root``) into the quarantine folder, keeping their relative paths.
+    Args:
+        diagnosis: what :func:`diagnose` found.
+        max_per_kind: problems shown of each kind (all are in ``doctor.json``).
+        thumb: the thumbnails' longest side, in pixels.
 
     Returns:
-        The changes made (also appended to the log as one batch); none when ``paths`` is empty.
+        The page's HTML.
     """
-    log = ChangeLog(root)
-    target = quarantine_dir(log.root)
-    changes = []
-    try:
-        for path in sorted({Path(p).resolve() for p in paths}):
-            if not path.is_relative_to(log.root):
-                raise ImgtuneError(f"{path}: is not inside the data folder {log.root}; not moving it")
-            dst = free_name(target / path.relative_to(log.root))
-            move_file(path, dst)
-            changes.append({"op": "move", "src": log.relative(path), "dst": log.relative(dst)})
-    finally:
-        if changes:  # what was moved before an error is logged too, so that it can be undone
-            log.record(changes, by)
-    return changes
+    kinds = diagnosis.by_kind()
+    sections = []
+    for kind in [k for k in KINDS if kinds[k]]:
+        shown = [p for p in diagnosis.problems if p.kind == kind][:max_per_kind]
+        problems = [dict(detail=problem.detail, figures=[_figure(path, diagnosis.root, path in problem.fix, thumb)
+                                                         for path in problem.files[:6]]) for problem in shown]
+        sections.append(dict(kind=kind, count=kinds[kind], meaning=KINDS[kind], problems=problems,
+                             more=max(0, kinds[kind] - max_per_kind)))
+    return render("doctor.html", description=diagnosis.description, n_files=diagnosis.n_files,
+                  counts=diagnosis.counts, sections=sections)
+
+
+def _figure(path: Path, root: Path | None, fixed: bool, thumb: int) -> dict:
+    """One picture of the gallery: its thumbnail (``None`` when unreadable), its name, whether --fix moves it."""
+    return dict(src=jpeg_data_uri(path, thumb), caption=_shown(path, root), fixed=fixed)
+
+
+# --- fixing: quarantine what the problems name ----------------------------------------------------
 
 
 def fix(diagnosis: Diagnosis, kinds: Sequence[str] = DEFAULT_FIX) -> list[dict]:
@@ -532,73 +347,3 @@ def fix(diagnosis: Diagnosis, kinds: Sequence[str] = DEFAULT_FIX) -> list[dict]:
         raise ImgtuneError("a named dataset is read-only: copy its images into a folder to fix them")
     files = {path for p in diagnosis.problems if p.kind in kinds for path in p.fix}
     return quarantine(diagnosis.root, sorted(files), by=f"imgtune doctor --fix {','.join(kinds)}")
-
-
-def undo(root: str | Path, batches: int | None = None) -> list[dict]:
-    """Undo the newest ``batches`` batches of the change log of ``root`` (all when ``None``), newest first.
-
-    Every change of a batch is checked before any is undone: a file moved since, or a name taken
-    since, stops the undo with an error and changes nothing.
-
-    Returns:
-        The changes undone, in the order they were undone.
-    """
-    log = ChangeLog(root)
-    todo = log.batches()[::-1][:batches]
-    undone = []
-    for batch in todo:
-        changes = batch["changes"][::-1]
-        for change in changes:
-            _check_undo(log, change)
-        for change in changes:
-            _undo_one(log, change)
-        log._append({"batch": batch["batch"], "undone": True, "time": _now()})
-        undone += changes
-    _remove_empty_dirs(quarantine_dir(log.root))
-    return undone
-
-
-def _check_undo(log: ChangeLog, change: dict) -> None:
-    if change["op"] == "move":
-        src, dst = log.absolute(change["src"]), log.absolute(change["dst"])
-        if not dst.is_file():
-            raise ImgtuneError(f"cannot undo: {dst} is gone (moved or deleted since); nothing was undone")
-        if os.path.lexists(src):
-            raise ImgtuneError(f"cannot undo: {src} exists again; move it away first; nothing was undone")
-
-
-def _undo_one(log: ChangeLog, change: dict) -> None:
-    if change["op"] == "move":
-        move_file(log.absolute(change["dst"]), log.absolute(change["src"]))
-    elif change["op"] == "relabel_csv":
-        set_csv_label(log.absolute(change["csv"]), change["file"], change["new"], change["old"])
-
-
-def set_csv_label(csv_path: Path, file: str, old: str, new: str) -> None:
-    """Rewrite the label of ``file``'s row from ``old`` to ``new``; the CSV is replaced atomically."""
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
-    header = [c.strip().lower() for c in rows[0]] if rows else []
-    if "file" not in header or "label" not in header:
-        raise ImgtuneError(f"{csv_path}: needs a header with columns file,label")
-    file_col, label_col = header.index("file"), header.index("label")
-    matches = [r for r in rows[1:] if len(r) > label_col and r[file_col].strip() == file]
-    if len(matches) != 1 or matches[0][label_col].strip() != old:
-        raise ImgtuneError(f"{csv_path}: no single row for {file} labelled {old!r}; was the CSV edited since?")
-    matches[0][label_col] = new
-    partial = csv_path.with_name(f".{csv_path.name}.part")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows(rows)
-    os.replace(partial, csv_path)  # the user asked for this edit; the old labels are in the log
-
-
-def _remove_empty_dirs(folder: Path) -> None:
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -2,7 +2,8 @@
 
 ``download_images("urls.txt", "data/bears/grizzly")`` fetches every URL of a text file (one a line) into one
 folder; ``download_images("photos.csv", "data/bears")`` reads a CSV of ``url,label`` into one folder per
-label. Each body is streamed with a size cap, must decode as an image (the extension and the
+label. Each body comes through the shared client (:mod:`imgtune.http_client`: retries, checked
+redirects, timeouts) streamed with a size cap, must decode as an image (the extension and the
 Content-Type are not trusted), and is skipped when its bytes equal a file already there.
 
 A manifest, ``.imgtune-downloads.json`` in the destination, maps every URL tried to its file or to
@@ -15,22 +16,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.client
 import json
-import os
 import re
-import socket
 import threading
 import time
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgtune.errors import ImgtuneError, UnreadableImageError
+from imgtune.files import atomic_write
+from imgtune.http_client import FetchError, HttpClient
 
 MANIFEST = ".imgtune-downloads.json"
 MAX_BYTES = 20_000_000
@@ -38,15 +36,8 @@ MAX_BYTES = 20_000_000
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 #: Names Windows refuses whatever the extension.
 RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-CHUNK = 64 * 1024
-
-
-class DownloadFailed(Exception):
-    """Why one URL gave no image; ``transient`` failures are worth trying again later."""
-
-    def __init__(self, reason: str, transient: bool = False, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason, self.transient, self.retry_after = reason, transient, retry_after
+#: Asked of every server; any answer is checked by decoding it.
+ACCEPT = "image/*,*/*;q=0.5"
 
 
 @dataclass
@@ -147,7 +138,7 @@ def download_images(
     pairs = read_sources(source)
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
-        raise ImgtuneError(f"{dest}: exists and is not a folder; choose another --dest")
+        raise ImgtuneError(f"{dest}: exists and is not a folder; choose another `dest`")
     dest.mkdir(parents=True, exist_ok=True)
     store = _Store(dest)
     report = DownloadReport(dest)
@@ -159,22 +150,21 @@ def download_images(
             report.already += 1
             continue
         todo.append((url, label))
-    fetch = _Fetcher(timeout=timeout, retries=retries, backoff=backoff, max_bytes=max_bytes,
-                     max_redirects=max_redirects)
+    client = HttpClient(timeout=timeout, retries=retries, backoff=backoff, max_redirects=max_redirects,
+                        pool_size=max(1, workers), headers={"Accept": ACCEPT})
 
     def one(pair):
         url, label = pair
         try:
-            data = fetch(url)
-            outcome = store.add(url, data, label)
-        except DownloadFailed as error:
+            outcome = store.add(url, client.get(url, max_bytes=max_bytes), label)
+        except FetchError as error:
             outcome = store.fail(url, error)
         if progress:
             progress(url, outcome)
         return url, outcome
 
     try:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
+        with client, ThreadPoolExecutor(max(1, workers)) as pool:
             for url, outcome in pool.map(one, todo):
                 if "file" in outcome:
                     report.downloaded[url] = dest / outcome["file"]
@@ -185,90 +175,6 @@ def download_images(
     finally:
         store.finish()
     return report
-
-
-class _Fetcher:
-    """GET one URL with redirects, retries, timeouts and a size cap; returns the body's bytes."""
-
-    def __init__(self, *, timeout: float, retries: int, backoff: float, max_bytes: int, max_redirects: int):
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self.max_bytes, self.max_redirects = max_bytes, max_redirects
-        # No redirect handler: redirects are followed here, so that loops and schemes are checked.
-        self.opener = urllib.request.build_opener(_NoRedirect)
-        from imgtune import __version__
-
-        self.headers = {"User-Agent": f"imgtune/{__version__} (+image dataset download)", "Accept": "image/*,*/*;q=0.5"}
-
-    def __call__(self, url: str) -> bytes:
-        for attempt in range(self.retries + 1):
-            try:
-                return self._follow(url)
-            except DownloadFailed as error:
-                if not error.transient or attempt == self.retries:
-                    raise
-                time.sleep(error.retry_after or self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def _follow(self, url: str) -> bytes:
-        seen = [url]
-        for _ in range(self.max_redirects + 1):
-            response = self._open(url)
-            with response:
-                if response.status not in (301, 302, 303, 307, 308):
-                    return self._read(response)
-                location = response.headers.get("Location")
-            if not location:
-                raise DownloadFailed(f"HTTP {response.status} redirect without a Location")
-            url = urllib.parse.urljoin(url, location)
-            if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-                raise DownloadFailed(f"redirect to a non-http URL ({url[:80]})")
-            if url in seen:
-                raise DownloadFailed(f"redirect loop ({' -> '.join(seen[-3:] + [url])})")
-            seen.append(url)
-        raise DownloadFailed(f"more than {self.max_redirects} redirects")
-
-    def _open(self, url: str):
-        request = urllib.request.Request(url, headers=self.headers)
-        try:
-            return self.opener.open(request, timeout=self.timeout)
-        except urllib.error.HTTPError as error:
-            if error.code in (301, 302, 303, 307, 308):
-                return error  # an HTTPError is a response too: status, headers, body
-            error.close()
-            transient = error.code == 429 or error.code >= 500
-            retry_after = error.headers.get("Retry-After", "") if error.headers else ""
-            wait = min(float(retry_after), 30.0) if retry_after.isdigit() else None
-            raise DownloadFailed(f"HTTP {error.code} {error.reason}", transient, wait) from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
-            reason = getattr(error, "reason", error)
-            if isinstance(reason, (socket.timeout, TimeoutError)):
-                raise DownloadFailed(f"timed out after {self.timeout:g} s", True) from None
-            raise DownloadFailed(f"connection failed ({reason})", True) from None
-
-    def _read(self, response) -> bytes:
-        length = response.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) > self.max_bytes:
-            raise DownloadFailed(f"too large ({int(length)} bytes; the limit is {self.max_bytes})")
-        deadline = time.monotonic() + 10 * self.timeout
-        chunks, size = [], 0
-        try:
-            while chunk := response.read(CHUNK):
-                size += len(chunk)
-                if size > self.max_bytes:
-                    raise DownloadFailed(f"too large (over the limit of {self.max_bytes} bytes)")
-                if time.monotonic() > deadline:
-                    raise DownloadFailed(f"too slow (over {10 * self.timeout:g} s)", True)
-                chunks.append(chunk)
-        except (socket.timeout, TimeoutError):
-            raise DownloadFailed(f"timed out after {self.timeout:g} s", True) from None
-        except (OSError, http.client.HTTPException) as error:
-            raise DownloadFailed(f"connection broken ({error})", True) from None
-        return b"".join(chunks)
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError with the 3xx, which _Fetcher follows itself
 
 
 class _Store:
@@ -297,7 +203,7 @@ class _Store:
         try:
             decode_image(data)
         except UnreadableImageError as error:
-            raise DownloadFailed(f"not an image ({error})") from None
+            raise FetchError(f"not an image ({error})") from None
         digest = hashlib.sha256(data).hexdigest()
         extension = EXTENSIONS.get(_format_of(data), ".img")
         folder = self.dest / safe_name(label) if label is not None else self.dest
@@ -310,14 +216,12 @@ class _Store:
             n = 1
             while path.exists() or path.is_symlink():
                 path, n = folder / f"{stem}-{n}{extension}", n + 1
-            partial = folder / f".{path.name}.part"
-            partial.write_bytes(data)
-            os.rename(partial, path)  # the name was checked free under the lock
+            atomic_write(path, data)  # the name was checked free under the lock
             relative = path.relative_to(self.dest).as_posix()
             self.hashes[digest] = relative
             return self._record(url, {"file": relative, "sha256": digest})
 
-    def fail(self, url: str, error: DownloadFailed) -> dict:
+    def fail(self, url: str, error: FetchError) -> dict:
         with self.lock:
             return self._record(url, {"error": error.reason, "transient": error.transient})
 
@@ -335,9 +239,7 @@ class _Store:
 
     def _save(self) -> None:
         self.saved_at = time.monotonic()
-        partial = self.path.with_name(self.path.name + ".part")
-        partial.write_text(json.dumps(self.manifest, indent=1, sort_keys=True))
-        os.replace(partial, self.path)  # the manifest is ours to replace; a crash never leaves half of it
+        atomic_write(self.path, json.dumps(self.manifest, indent=1, sort_keys=True))  # never half a manifest
 
 
 def _format_of(data: bytes) -> str:

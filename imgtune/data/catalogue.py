@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import importlib.util
-import shutil
-import socket
 import tarfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +13,7 @@ from urllib.parse import urlparse
 from imgtune.data.sources import PETS_LABEL_RE, Item, ItemList, items_from_name_re
 from imgtune.data.cache import default_cache_dir
 from imgtune.errors import ImgtuneError
+from imgtune.files import atomic_write
 
 DEFAULT = "elpv"
 
@@ -55,7 +51,7 @@ def _elpv_rows(data_dir: Path | None) -> list[tuple[Path, float, str]]:
     root = data_dir or _elpv_root()
     labels = root / "labels.csv"
     if not labels.is_file():
-        raise ImgtuneError(f"{labels}: not found; --data-dir must be the folder holding labels.csv and images/")
+        raise ImgtuneError(f"{labels}: not found; `data_dir` must be the folder holding labels.csv and images/")
     rows = []
     for line in labels.read_text().splitlines():
         if line.strip():
@@ -91,7 +87,7 @@ def load_pets(data_dir: Path | None = None) -> ItemList:
     if data_dir is not None:
         folder = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
         if not folder.is_dir():
-            raise ImgtuneError(f"{data_dir}: not a folder; --data-dir must hold the pet images (or images/)")
+            raise ImgtuneError(f"{data_dir}: not a folder; `data_dir` must hold the pet images (or images/)")
     else:
         folder = download_and_extract(PETS_URL, PETS_MD5, default_cache_dir() / "pets") / "images"
     found = items_from_name_re(folder, PETS_LABEL_RE)
@@ -118,47 +114,70 @@ def download_and_extract(url: str, md5: str, dest: Path, *, timeout: float = 10.
             raise ImgtuneError(f"{url}: checksum mismatch (md5 {digest}, expected {md5}); run again to re-download")
     with tarfile.open(archive) as tar:
         tar.extractall(dest, filter="data")
-    done.write_text(md5)
+    atomic_write(done, md5)
     return dest
 
 
 def download(url: str, target: Path, *, timeout: float = 10.0, chunk: int = 1 << 20) -> None:
-    """Download ``url`` to ``target``, resuming from ``target.part`` with an HTTP Range request."""
+    """Download ``url`` to ``target``, resuming from ``target.part`` with an HTTP Range request.
+
+    Args:
+        url: an http(s) URL (redirects are followed, at most 5).
+        target: the file to create; ``target.part`` holds what arrived so far.
+        timeout: seconds to connect, and between two reads.
+        chunk: bytes written at a time.
+
+    Raises:
+        ImgtuneError: the server answered with an error, cannot be reached, or the download broke
+            off (the ``.part`` file is kept, so the next call resumes).
+    """
+    from imgtune.http_client import FetchError, HttpClient  # urllib3 loads only when something downloads
+
     part = target.with_suffix(target.suffix + ".part")
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # the part file is already complete
-            part.replace(target)
-            return
-        raise ImgtuneError(f"{url}: download failed (HTTP {error.code})") from None
-    except (urllib.error.URLError, socket.timeout, OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", error)
-        raise ImgtuneError(
-            f"cannot download {url} ({reason}); offline, pass --data-dir DIR pointing at a local copy of the images"
-        ) from None
-    with response:
-        resumed = bool(offset) and response.status == 206
-        length = response.headers.get("Content-Length")
-        expected = None if length is None else int(length) + (offset if resumed else 0)
+    # No retries: a broken download is resumed by the next call, and an offline one should fail quickly.
+    with HttpClient(timeout=timeout, retries=0) as client:
         try:
-            with open(part, "ab" if resumed else "wb") as out:
-                shutil.copyfileobj(response, out, chunk)
-        except (OSError, http.client.HTTPException) as error:
-            raise ImgtuneError(f"{url}: download interrupted ({error}); run again to resume it") from None
-    # urllib returns a short body without an error when the connection drops; keep the .part file
-    # so that the next run resumes instead of failing the checksum and starting over.
+            with client.open(url, headers={"Range": f"bytes={offset}-"} if offset else None) as response:
+                _save_body(client, response, url, part, offset, chunk)
+        except FetchError as error:
+            if error.status == 416 and offset:  # the part file is already complete
+                part.replace(target)
+                return
+            if error.status is not None:
+                raise ImgtuneError(f"{url}: download failed (HTTP {error.status})") from None
+            raise ImgtuneError(f"cannot download {url} ({error.detail}); offline, pass `data_dir=DIR` pointing at "
+                               "a local copy of the images") from None
+    part.replace(target)
+
+
+def _save_body(client, response, url: str, part: Path, offset: int, chunk: int) -> None:
+    """Append the body of ``response`` (from :class:`imgtune.http_client.HttpClient`) to ``part`` (a 206
+    answer to a Range) or write it afresh (a 200: the server ignores Ranges)."""
+    from imgtune.http_client import FetchError
+
+    resumed = bool(offset) and response.status == 206
+    length = response.headers.get("Content-Length")
+    expected = None if length is None else int(length) + (offset if resumed else 0)
+    try:
+        with open(part, "ab" if resumed else "wb") as out:
+            for block in client.chunks(response, chunk):
+                out.write(block)
+    except OSError as error:  # writing, not reading
+        raise ImgtuneError(f"{url}: download interrupted ({error}); run again to resume it") from None
+    except FetchError as error:
+        # What arrived stays in the .part file, so that the next run resumes instead of starting over.
+        if expected is None:
+            raise ImgtuneError(f"{url}: download interrupted ({error.reason}); run again to resume it") from None
     received = part.stat().st_size
     if expected is not None and received < expected:
         raise ImgtuneError(
             f"{url}: download interrupted after {received} of {expected} bytes; run again to resume it"
         )
-    part.replace(target)
 
 
 def file_md5(path: Path) -> str:
+    """The MD5 of a file's bytes, as 32 hex digits (read a megabyte at a time)."""
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from imgtune.curate.clean import CleanSession, create_app
-from imgtune.curate.doctor import ChangeLog, quarantine_dir
+from imgtune.curate.changelog import ChangeLog, quarantine_dir
 
 SUSPECT = "red/looks_blue.png"
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import COLOURS, noisy_image
 from imgtune.cli import cli
-from imgtune.curate.doctor import ChangeLog, diagnose, fix, move_file, quarantine, quarantine_dir, undo, write_outputs
+from imgtune.curate.changelog import ChangeLog, move_file, quarantine, quarantine_dir, undo
+from imgtune.curate.doctor import diagnose, fix, write_outputs
 from imgtune.errors import ImgtuneError
 
 

@@ -17,6 +17,7 @@ from conftest import noisy_image
 from imgtune.cli import cli
 from imgtune.curate.download import MANIFEST, download_images, read_sources, safe_name
 from imgtune.errors import ImgtuneError
+from imgtune.http_client import user_agent
 
 MAX_BYTES = 60_000
 TIMEOUT = 0.5
@@ -39,6 +40,8 @@ class Server:
 
     def __init__(self):
         self.requests = Counter()
+        self.agents = set()  # the User-Agent of every request
+        self.times = {}  # path -> when each request came
         lock = threading.Lock()
         outer = self
 
@@ -62,6 +65,8 @@ class Server:
             def do_GET(self):
                 with lock:
                     outer.requests[self.path] += 1
+                    outer.agents.add(self.headers.get("User-Agent"))
+                    outer.times.setdefault(self.path, []).append(time.monotonic())
                 path = self.path
                 if path in GOOD or path in OTHER:
                     self.send(200, GOOD.get(path) or OTHER[path])
@@ -81,6 +86,11 @@ class Server:
                 elif path == "/big-stream.jpg":  # does not: stopped while streaming
                     self.close_connection = True
                     self.send(200, encoded((9, 9, 9), 5, "BMP", size=200), length=False)
+                elif path == "/busy.jpg":  # asks to come back in a second, then answers
+                    if outer.requests[path] == 1:
+                        self.send(503, b"busy", "text/plain", headers=[("Retry-After", "1")])
+                    else:
+                        self.send(200, encoded((90, 30, 160), 11))
                 elif path == "/fake.jpg":
                     self.send(200, b"<html><body>a login page</body></html>", "image/jpeg")
                 else:
@@ -148,6 +158,16 @@ def test_only_good_unique_images_land_and_failures_are_named(server, tmp_path):
     server.requests.clear()
     download_images(urls, dest, retry_failed=True, **OPTIONS)
     assert server.requests["/missing.jpg"] == 1 and server.requests["/a/good1.jpg"] == 0
+
+
+def test_downloads_go_through_the_shared_client_which_honours_retry_after(server, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{server.url}/busy.jpg\n{server.url}/moved\n")
+    report = download_images(urls, tmp_path / "out", **{**OPTIONS, "retries": 1, "backoff": 0.01})
+    assert sorted(p.name for p in report.downloaded.values()) == ["busy.jpg", "moved.png"]
+    first, second = server.times["/busy.jpg"]
+    assert second - first >= 0.9  # the server's Retry-After, not the 0.01 s backoff
+    assert server.agents == {user_agent()} and user_agent().startswith("imgtune/")
 
 
 def test_a_csv_fills_one_folder_per_label(server, tmp_path):

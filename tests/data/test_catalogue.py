@@ -22,6 +22,7 @@ from imgtune.data.loaders import load_data
 from imgtune.data.catalogue import download, download_and_extract, load_elpv, load_elpv_binary
 from imgtune.errors import ImgtuneError
 from imgtune.data.images import load_image
+from imgtune.http_client import user_agent
 
 # The project's shared data sits beside the checkout (and beside CI's clone); never inside it.
 PETS_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "oxford-pets-sample"
@@ -111,7 +112,7 @@ def test_elpv_data_dir_reads_its_labels(tmp_path):
         (tmp_path / "images" / "b.png", "functional"),
         (tmp_path / "images" / "c.png", "possibly_defective"),
     ]
-    with pytest.raises(ImgtuneError, match="--data-dir"):
+    with pytest.raises(ImgtuneError, match="`data_dir(=DIR)?`"):
         load_elpv(tmp_path / "elsewhere")
 
 
@@ -144,7 +145,7 @@ def test_pets_data_dir_reads_breeds_from_file_names(tmp_path, subfolder):
 
 
 def test_pets_data_dir_that_is_missing_is_an_error(tmp_path):
-    with pytest.raises(ImgtuneError, match="--data-dir"):
+    with pytest.raises(ImgtuneError, match="`data_dir(=DIR)?`"):
         load_data("pets", data_dir=tmp_path / "nope")
 
 
@@ -190,6 +191,7 @@ class ArchiveServer(http.server.ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), RangeHandler)
         self.requests: list[dict] = []
+        self.agents: set[str] = set()  # the User-Agent of every request
         self.ranges = True  # False: ignore Range headers, as some servers do
         self.cut_next = False  # True: the next response stops half-way through its body
 
@@ -203,6 +205,13 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         self.server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+        self.server.agents.add(self.headers.get("User-Agent"))
+        if self.path == "/moved/pets.tar.gz":
+            self.send_response(301)
+            self.send_header("Location", "/pets.tar.gz")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path != "/pets.tar.gz":
             self.send_error(404)
             return
@@ -338,6 +347,17 @@ def test_a_corrupt_part_file_fails_the_checksum_then_recovers(server, tmp_path):
     assert (dest / "pets.tar.gz").read_bytes() == ARCHIVE
 
 
+def test_the_archive_comes_through_the_shared_client_and_a_redirect_keeps_the_range(server, tmp_path):
+    dest = tmp_path / "pets"
+    dest.mkdir()
+    (dest / "pets.tar.gz.part").write_bytes(ARCHIVE[:1000])
+    download_and_extract(server.url.replace("/pets.tar.gz", "/moved/pets.tar.gz"), ARCHIVE_MD5, dest)
+    assert server.requests == [{"path": "/moved/pets.tar.gz", "range": "bytes=1000-"},
+                               {"path": "/pets.tar.gz", "range": "bytes=1000-"}]
+    assert (dest / "pets.tar.gz").read_bytes() == ARCHIVE
+    assert server.agents == {user_agent()}
+
+
 def test_http_error_is_an_imgtune_error(server, tmp_path):
     with pytest.raises(ImgtuneError, match="HTTP 404"):
         download(server.url.replace("pets", "missing"), tmp_path / "missing.tar.gz")
@@ -348,7 +368,7 @@ def test_an_unreachable_server_fails_quickly_and_suggests_data_dir(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     start = time.monotonic()
-    with pytest.raises(ImgtuneError, match="--data-dir"):
+    with pytest.raises(ImgtuneError, match="`data_dir(=DIR)?`"):
         download_and_extract(f"http://127.0.0.1:{port}/x.tar.gz", ARCHIVE_MD5, tmp_path / "x", timeout=5)
     assert time.monotonic() - start < 3
     assert not (tmp_path / "x" / ".extracted").exists()
