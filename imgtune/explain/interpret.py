@@ -1,8 +1,8 @@
 """What the model gets wrong and where it looks: confusion matrix, most confused pairs, top losses, Grad-CAM.
 
 An :class:`Interpretation` holds the predictions over a validation set (probabilities, targets and
-per-item losses, never the images) and the model, so that Grad-CAM can be computed for any image.
-Build one from a :class:`~imgtune.train.learner.Learner` or from a run folder.
+per-item losses, never the images) and the model, so that Grad-CAM (:mod:`imgtune.explain.gradcam`)
+can be computed for any image. Build one from a :class:`~imgtune.train.learner.Learner` or from a run folder.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from imgtune.data.images import load_image, to_rgb
 from imgtune.data.loaders import ImageData, load_data
 from imgtune.data.transforms import valid_transform
 from imgtune.errors import ImgtuneError
-from imgtune.data.images import load_image, to_rgb
+from imgtune.explain import gradcam
 from imgtune.models import gradcam_layer
 
 #: The smallest probability a loss is computed from, so a confident mistake costs ~69, not infinity.
@@ -240,46 +241,8 @@ class Interpretation:
         """
         if self.model is None:
             raise ImgtuneError("this Interpretation has no model; build it with from_learner or from_run")
-        model = self.model
-        layer = gradcam_layer(model, self.arch)
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        x = self.input_tensor(image).unsqueeze(0).to(device, memory_format=torch.channels_last)
-        # The input asks for gradients so the activations have some even when the whole model is frozen.
-        x.requires_grad_(True)
-        captured = []
-
-        def keep_activations(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                raise ImgtuneError(f"{self.arch}: the Grad-CAM layer gives {type(output).__name__}, not a 4-D tensor")
-            captured.append(output)
-            return output.clone()  # later in-place ops (an inplace ReLU) then cannot alter the captured tensor
-
-        modes = {module: module.training for module in model.modules()}
-        handle = layer.register_forward_hook(keep_activations)
-        try:
-            model.eval()
-            with torch.enable_grad():
-                logits = model(x)
-                if class_index is None:
-                    class_index = int(logits[0].argmax())
-                if not 0 <= class_index < logits.shape[1]:
-                    raise ImgtuneError(f"class_index {class_index} is out of range for {logits.shape[1]} classes")
-                activations = captured[-1]
-                # autograd.grad, unlike backward(), leaves every parameter's .grad untouched.
-                (gradients,) = torch.autograd.grad(logits[0, class_index], activations)
-        finally:
-            handle.remove()
-            for module, training in modes.items():
-                module.training = training
-        with torch.no_grad():
-            weights = gradients.mean(dim=(2, 3), keepdim=True)
-            cam = F.relu((weights * activations).sum(1, keepdim=True)).float()
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-            cam = cam - cam.min()
-            top = cam.max()
-            cam = cam / top if top > 0 else torch.zeros_like(cam)
-        return cam.cpu().numpy().astype(np.float32)
+        layer = gradcam_layer(self.model, self.arch)
+        return gradcam.grad_cam(self.model, layer, self.input_tensor(image), class_index, name=self.arch)
 
     def overlay(self, image, heatmap: np.ndarray, alpha: float = 0.45, *, cmap: str = "jet") -> Image.Image:
         """``image`` as the model saw it (resized, cropped, de-normalised) with ``heatmap`` drawn over it.
@@ -293,15 +256,7 @@ class Interpretation:
         Returns:
             An RGB PIL image of the model's input size.
         """
-        from matplotlib import colormaps
-
-        seen = self.model_view(image)
-        heatmap = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
-        colours = (colormaps[cmap](heatmap)[..., :3] * 255).astype(np.uint8)
-        if colours.shape[:2] != seen.shape[:2]:
-            colours = np.asarray(Image.fromarray(colours).resize(seen.shape[1::-1], Image.BILINEAR))
-        blended = (1 - alpha) * seen.astype(np.float32) + alpha * colours.astype(np.float32)
-        return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+        return gradcam.overlay(self.model_view(image), heatmap, alpha, cmap=cmap)
 
     def model_view(self, image) -> np.ndarray:
         """``image`` as the model sees it, de-normalised: an ``(H, W, 3)`` uint8 array."""

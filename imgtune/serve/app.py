@@ -2,16 +2,17 @@
 
 ``create_app(run_dir)`` returns a FastAPI app with
 
-- ``GET /``: a self-contained page (inline CSS and JS) to pick, drop or photograph an image and see
-  the top classes and the Grad-CAM overlay;
+- ``GET /``: a self-contained page (``templates/index.html``, CSS and JS inline) to pick, drop or
+  photograph an image and see the top classes and the Grad-CAM overlay;
 - ``POST /api/predict``: multipart field ``file``; query ``top_k`` and ``cam``;
 - ``GET /api/health``, ``GET /api/model`` and the OpenAPI document at ``/openapi.json``.
 
 Every bad input gets a 4xx answer with ``{"detail": "one line"}``: a body over ``max_bytes`` 413,
 an empty, truncated or undecodable file 400, a file that is not a JPEG, PNG, WebP, BMP, GIF or TIFF
 415, more than ``max_pixels`` pixels (read from the header, before decoding) 413, a missing field or
-bad query 422, and inference slower than ``timeout`` seconds 504. The model is loaded once; requests
-run it in worker threads, one at a time on the PyTorch model (Grad-CAM adds hooks to it).
+bad query 422 (see :mod:`imgtune.serve.uploads`), and inference slower than ``timeout`` seconds 504.
+The model is loaded once; requests run it in worker threads, one at a time on the PyTorch model
+(Grad-CAM adds hooks to it).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time, and
@@ -19,48 +20,18 @@ run it in worker threads, one at a time on the PyTorch model (Grad-CAM adds hook
 import asyncio
 import base64
 import io
-import json
 import threading
 import time
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 
+import jinja2
 from PIL import Image
 
-from imgtune.errors import ImgtuneError, UnreadableImageError
-from imgtune.errors import first_line
+from imgtune.errors import ImgtuneError, first_line
+from imgtune.serve.uploads import MAX_BYTES, MAX_PIXELS, BodyLimit, RequestError, decode_upload
 
-#: The image formats the demo decodes; PIL's other decoders never see an upload.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-MAX_BYTES = 10_000_000
-MAX_PIXELS = 40_000_000
 TIMEOUT = 30.0
-
-
-class RequestError(Exception):
-    """A request the server refuses, with the HTTP status and the one-line reason shown to the user."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-#: The HTTP status for each kind of unreadable upload (see :class:`imgtune.errors.UnreadableImageError`).
-UPLOAD_STATUS = {"empty": 400, "format": 415, "pixels": 413, "decode": 400}
-
-
-def decode_upload(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode uploaded bytes into an upright RGB picture, as :func:`imgtune.data.images.decode_image` does.
-
-    Raises:
-        RequestError: 400 empty or undecodable, 415 not an allowed format, 413 too many pixels.
-    """
-    from imgtune.data.images import decode_image
-
-    try:
-        return decode_image(bytes(data), max_pixels=max_pixels, formats=ALLOWED_FORMATS)
-    except UnreadableImageError as error:
-        raise RequestError(UPLOAD_STATUS.get(error.kind, 400), str(error)) from None
 
 
 class Demo:
@@ -109,38 +80,6 @@ class Demo:
         buffer = io.BytesIO()
         self.explainer.overlay(x, heatmap).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets 413, by its Content-Length or as it streams."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        from starlette.exceptions import HTTPException
-        from starlette.responses import JSONResponse
-
-        too_large = f"the request body is larger than the limit of {self.max_bytes} bytes"
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            status, detail = (413, too_large) if length.isdigit() else (400, "invalid Content-Length header")
-            return await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # FastAPI passes an HTTPException raised while reading the body on to its handler.
-                    raise HTTPException(413, too_large)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
@@ -199,11 +138,11 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
     async def refused(request: Request, error: RequestError):
         return JSONResponse({"detail": error.detail}, status_code=error.status)
 
+    html = render_page(demo.info())
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        # Escaped so that no class name can close the <script> element it is embedded in.
-        model_json = json.dumps(demo.info()).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-        return PAGE.replace("__MODEL__", model_json)
+        return html
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
@@ -238,123 +177,28 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
     return app
 
 
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """The Jinja2 environment of the demo's templates: package data, autoescape on, undefined names fail."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("imgtune.serve", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.policies["json.dumps_kwargs"] = {}  # `tojson` keeps the keys in the order /api/model gives them
+    return env
+
+
+def render_page(info: dict) -> str:
+    """The demo page (``templates/index.html``) for a model.
+
+    Args:
+        info: what ``/api/model`` answers (:meth:`Demo.info`); the page's script reads it.
+
+    Returns:
+        The whole page, with its CSS and JS inline.
+    """
+    return environment().get_template("index.html").render(model=info)
 
 
 def _version() -> str:
     from imgtune import __version__
 
     return __version__
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>imgtune demo</title>
-<style>
-  body { font: 16px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 40rem; padding: 1rem; color: #222; }
-  h1 { font-size: 1.4rem; margin: 0 0 .3rem; }
-  .meta { color: #555; font-size: .9rem; overflow-wrap: anywhere; }
-  #drop { display: block; border: 2px dashed #888; border-radius: .6rem; padding: 1.5rem 1rem; text-align: center;
-          margin: 1rem 0; cursor: pointer; }
-  #drop.over { background: #eef4ff; border-color: #3a6ee8; }
-  #file { display: block; margin: .6rem auto 0; max-width: 100%; }
-  #status { min-height: 1.4rem; }
-  .error { color: #b00020; }
-  .row { display: grid; grid-template-columns: minmax(5rem, 30%) 1fr 4rem; gap: .5rem; align-items: center;
-         margin: .25rem 0; }
-  .label { overflow-wrap: anywhere; }
-  .bar { background: #e5e5e5; border-radius: .3rem; height: 1rem; }
-  .bar > span { display: block; height: 100%; background: #3a6ee8; border-radius: .3rem; }
-  .row.top .label { font-weight: 600; }
-  .pct { text-align: right; font-variant-numeric: tabular-nums; }
-  .images { display: flex; flex-wrap: wrap; gap: 1rem; margin-top: 1rem; }
-  .images figure { margin: 0; flex: 1 1 12rem; }
-  .images img { width: 100%; image-rendering: auto; border-radius: .4rem; }
-  figcaption { font-size: .85rem; color: #555; }
-</style>
-</head>
-<body>
-<h1 id="name">imgtune demo</h1>
-<div class="meta" id="about"></div>
-<label id="drop" for="file">Choose, drop or take a photo
-  <input id="file" type="file" accept="image/*" capture="environment">
-</label>
-<div id="status" role="status"></div>
-<div id="result" hidden>
-  <div id="labels"></div>
-  <div class="images">
-    <figure><img id="preview" alt="your image"><figcaption>your image</figcaption></figure>
-    <figure><img id="cam" alt="Grad-CAM overlay"><figcaption>where the model looked (Grad-CAM)</figcaption></figure>
-  </div>
-</div>
-<script id="model" type="application/json">__MODEL__</script>
-<script>
-"use strict";
-const model = JSON.parse(document.getElementById("model").textContent);
-const $ = (id) => document.getElementById(id);
-$("name").textContent = model.name;
-const accuracy = model.metrics && typeof model.metrics.valid_accuracy === "number"
-  ? `validation accuracy ${(100 * model.metrics.valid_accuracy).toFixed(1)}%` : "validation accuracy unknown";
-$("about").textContent = `${model.arch}, ${model.size} px; ${accuracy}; classes: ${model.classes.join(", ")}`;
-
-function show(text, isError) {
-  $("status").textContent = text;
-  $("status").className = isError ? "error" : "";
-}
-
-async function classify(file) {
-  if (!file) return;
-  show("Classifying " + file.name + " ...", false);
-  $("result").hidden = true;
-  const body = new FormData();
-  body.append("file", file);
-  const k = Math.min(5, model.classes.length);
-  try {
-    const response = await fetch(`api/predict?top_k=${k}&cam=true`, { method: "POST", body });
-    const answer = await response.json();
-    if (!response.ok) { show(String(answer.detail || response.statusText), true); return; }
-    const rows = $("labels");
-    rows.replaceChildren();
-    answer.labels.forEach((item, i) => {
-      const row = document.createElement("div");
-      row.className = i === 0 ? "row top" : "row";
-      const label = document.createElement("span");
-      label.className = "label";
-      label.textContent = item.label;
-      const bar = document.createElement("div");
-      bar.className = "bar";
-      const fill = document.createElement("span");
-      fill.style.width = (100 * item.probability).toFixed(1) + "%";
-      bar.append(fill);
-      const pct = document.createElement("span");
-      pct.className = "pct";
-      pct.textContent = (100 * item.probability).toFixed(1) + "%";
-      row.append(label, bar, pct);
-      rows.append(row);
-    });
-    if ($("preview").src) URL.revokeObjectURL($("preview").src);
-    $("preview").src = URL.createObjectURL(file);
-    if (answer.cam) { $("cam").src = answer.cam; }
-    $("cam").parentElement.hidden = !answer.cam;
-    show(`${answer.top} (${answer.seconds.toFixed(2)} s)`, false);
-    $("result").hidden = false;
-  } catch (error) {
-    show("The server did not answer: " + error, true);
-  }
-}
-
-$("file").addEventListener("change", () => classify($("file").files[0]));
-const drop = $("drop");
-["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (event) => {
-  event.preventDefault(); drop.classList.add("over");
-}));
-["dragleave", "drop"].forEach((type) => drop.addEventListener(type, (event) => {
-  event.preventDefault(); drop.classList.remove("over");
-}));
-drop.addEventListener("drop", (event) => classify(event.dataTransfer.files[0]));
-</script>
-</body>
-</html>
-"""

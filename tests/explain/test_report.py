@@ -1,10 +1,13 @@
-"""The run report: figures are written, every section is there, and a real browser renders it cleanly."""
+"""The run report: figures are written, every section is there, a real browser renders it cleanly, every name
+is escaped, nothing is fetched, and the templates ship with the package."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import jinja2
 import pytest
 from PIL import Image
 
@@ -75,3 +78,102 @@ def test_report_in_a_real_browser(run_dir, width, height, name):
     assert overflow <= 1, "the page scrolls sideways"
     assert all(url.startswith(("file:", "data:")) for url in requests)
     assert (artifacts / name).stat().st_size > 0
+
+
+# --- the page on its own: a hand-made interpretation, hostile names, a stand-in lr finder ----------
+
+HOSTILE = ["<b>", "a&b", "x\"y'z", "</script><script>alert(1)</script>"]
+
+
+class StandInFinder:
+    """What write_report needs of an lr finder: a plot() that gives a matplotlib figure."""
+
+    def plot(self):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
+        ax.plot([1e-5, 1e-3, 1e-1], [2.0, 1.0, 3.0])
+        ax.set_xscale("log")
+        return fig
+
+
+def hostile_report(run_dir: Path, lr_finder=None) -> str:
+    import numpy as np
+
+    from imgtune.explain.interpret import Interpretation
+    from imgtune.explain.report import write_report
+
+    probs = np.eye(4, dtype=np.float32)[[0, 1, 2, 3, 1, 0]] * 0.9 + 0.025
+    interp = Interpretation(HOSTILE, probs, np.array([0, 1, 2, 3, 0, 1]))
+    metrics = dict(
+        data=dict(description="<i>folder</i> & co", counts={c: dict(train=3, valid=2) for c in HOSTILE}, train=12,
+                  valid=6, skipped=[dict(path="/x/<img src=x onerror=alert(2)>.png", reason="a & b <c>")]),
+        history=[dict(epoch=1, phase="frozen", train_loss=1.5, valid_loss=1.2, accuracy=0.5, seconds=2.3)],
+        lr=dict(frozen=2e-3, unfrozen=[1e-5, 1e-3]), seconds=dict(train=1.2), device="cpu",
+        command="imgtune train '<x>' && rm -r <y>", versions={"torch": "2<3"})
+    meta = dict(arch="<arch>", timm_name="t&n", size=32, resize="crop", mean=[0.5] * 3, std=[0.2] * 3)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return write_report(run_dir, interp=interp, metrics=metrics, meta=meta, lr_finder=lr_finder).read_text()
+
+
+def test_the_report_escapes_every_name_and_fetches_nothing(tmp_path):
+    page = hostile_report(tmp_path / "run<1>", StandInFinder())
+    for raw in ("<b>", "<i>", "<img src=x", "<script", "<x>", "<arch>", "a&b", "x\"y'z"):
+        assert raw not in page, raw
+    for escaped in ("&lt;b&gt;", "a&amp;b", "x&#34;y&#39;z", "&lt;/script&gt;&lt;script&gt;alert(1)&lt;/script&gt;",
+                    "&lt;i&gt;folder&lt;/i&gt; &amp; co", "/x/&lt;img src=x onerror=alert(2)&gt;.png",
+                    "imgtune train &#39;&lt;x&gt;&#39; &amp;&amp; rm -r &lt;y&gt;", "&lt;arch&gt;", "2&lt;3",
+                    "<title>imgtune run run&lt;1&gt;</title>"):
+        assert escaped in page, escaped
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    for needle in ("http://", "https://", "<link", "@import", "url("):
+        assert needle not in page, needle
+
+
+def test_the_lr_finder_figure_is_whatever_its_plot_gives(tmp_path):
+    page = hostile_report(tmp_path / "with", StandInFinder())
+    assert Image.open(tmp_path / "with" / "lr_find.png").size == (600, 400)
+    assert 'alt="lr finder curve"' in page
+    assert page.count("data:image/png;base64,") == 3  # the lr finder, training curves, confusion matrix
+    page = hostile_report(tmp_path / "without")
+    assert not (tmp_path / "without" / "lr_find.png").exists()
+    assert "(lr finder curve: not available for this run)" in page
+    assert page.count("data:image/png;base64,") == 2
+
+
+def test_the_templates_ship_with_the_package():
+    from importlib.resources import files
+
+    from imgtune.explain.report import TEMPLATE, environment
+
+    folder = files("imgtune.explain") / "templates"
+    assert (folder / TEMPLATE).is_file() and (folder / "report.css").is_file()
+    env = environment()
+    assert isinstance(env.loader, jinja2.PackageLoader)
+    assert set(env.list_templates()) <= {entry.name for entry in folder.iterdir()}
+    assert env.from_string("{{ name }}").render(name="<b>&") == "&lt;b&gt;&amp;"  # autoescape on
+
+
+def test_a_hostile_report_in_a_real_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    hostile_report(tmp_path / "run", StandInFinder())
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = launch_chromium(p, chromium_or_skip())
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto((tmp_path / "run" / "report.html").as_uri())
+            injected = page.locator('b, i, script, img:not([src^="data:"])').count()
+            first_column = page.locator("table").first.locator("tr td:first-child").all_inner_texts()
+            command = page.locator("pre").inner_text()
+        finally:
+            browser.close()
+    assert errors == [] and injected == 0
+    assert first_column == HOSTILE
+    assert command == "imgtune train '<x>' && rm -r <y>"
+    assert all(url.startswith(("file:", "data:")) for url in requests)

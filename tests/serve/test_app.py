@@ -1,10 +1,13 @@
-"""The web demo: good images are classified, every bad input gets a 4xx with a reason, never a 5xx."""
+"""The web demo: good images are classified, every bad input gets a 4xx with a reason, never a 5xx; the page
+escapes every name, fetches nothing from outside and comes from the package's templates."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -242,3 +245,92 @@ def test_the_page_in_a_real_browser(server, tmp_path):
     assert overflow <= 1, "the page scrolls sideways on a phone"
     assert all(url.startswith((server, "data:", "blob:")) for url in requests)
     assert (artifacts / "serve-page.png").stat().st_size > 0
+
+
+# --- the page: hostile class names, no outside request, templates from the package -----------------
+
+HOSTILE = {"<b>": COLOURS["red"], "a&b": COLOURS["green"], "<script>x'y\"": COLOURS["blue"]}  # no / in a folder name
+
+
+def model_json(page: str) -> str:
+    """The text of the page's ``<script id="model">`` element."""
+    opening = '<script id="model" type="application/json">'
+    start = page.index(opening) + len(opening)
+    return page[start:page.index("</script>", start)]
+
+
+def test_the_page_escapes_hostile_names_and_fetches_nothing():
+    from imgtune.serve.app import render_page
+
+    info = dict(name="run<1>", arch="a&b", classes=[*HOSTILE, "</script><i>"], size=32, metrics={"valid_accuracy": 0.5})
+    page = render_page(info)
+    embedded = model_json(page)
+    assert json.loads(embedded) == info  # the keys in the order given, too
+    assert list(json.loads(embedded)) == list(info)
+    for raw in ("<", ">", "&", "'"):
+        assert raw not in embedded, raw  # written as \u003c ...: nothing can close the script element
+    assert page.count("</script>") == 2 and "<b>" not in page and "<i>" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
+    for needle in ("http://", "https://", "<link", "@import", "url("):
+        assert needle not in page, needle
+
+
+def test_the_page_templates_ship_with_the_package():
+    from importlib.resources import files
+
+    import jinja2
+
+    from imgtune.serve.app import environment
+
+    folder = files("imgtune.serve") / "templates"
+    assert all((folder / name).is_file() for name in ("index.html", "demo.css", "demo.js"))
+    env = environment()
+    assert isinstance(env.loader, jinja2.PackageLoader)
+    assert set(env.list_templates()) <= {entry.name for entry in folder.iterdir()}
+    assert env.from_string("{{ name }}").render(name="<b>&") == "&lt;b&gt;&amp;"  # autoescape on
+
+
+@pytest.fixture(scope="module")
+def hostile_run_dir(tmp_path_factory):
+    from imgtune import Learner, load_data
+
+    root = tmp_path_factory.mktemp("hostile")
+    data = load_data(make_class_folders(root / "colours", colours=HOSTILE), valid_pct=0.25, stratify=True, seed=0)
+    learner = Learner.from_data(data, **TINY)
+    learner.fit_one_cycle(1, 1e-2)
+    learner.save(root / "run<&>", metrics={"valid_accuracy": 0.5})
+    return root / "run<&>"
+
+
+@pytest.fixture
+def hostile_server(hostile_run_dir):
+    yield from serve_in_thread(create_app(hostile_run_dir, backend="torch"))
+
+
+def test_hostile_class_names_in_a_real_browser(hostile_server, tmp_path):
+    executable = chromium_or_skip("uvicorn")
+    from playwright.sync_api import sync_playwright
+
+    picture = tmp_path / "red.png"
+    noisy_image(COLOURS["red"], 64, seed=11).save(picture)
+    errors, requests = [], []
+    with sync_playwright() as p:
+        browser = launch_chromium(p, executable)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(hostile_server)
+            name, about = page.locator("#name").inner_text(), page.locator("#about").inner_text()
+            page.set_input_files("#file", str(picture))
+            page.wait_for_selector("#labels .row.top .label", timeout=20_000)
+            labels = page.locator("#labels .row .label").all_inner_texts()
+            injected = page.locator("b, i").count()
+            scripts = page.locator("script").count()
+        finally:
+            browser.close()
+    assert errors == [] and injected == 0 and scripts == 2
+    assert name == "run<&>" and "classes: " + ", ".join(sorted(HOSTILE)) in about
+    assert sorted(labels) == sorted(HOSTILE)
+    assert all(url.startswith((hostile_server, "data:", "blob:")) for url in requests)
