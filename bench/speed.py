@@ -175,7 +175,6 @@ def loading_and_inference(args, model, backbone) -> dict:
     """Bundle inference (torch vs ONNX Runtime) with and without image loading; loading with and
     without the presize cache; on the pets sample's real JPEGs when present."""
     from imgtune.deploy.predict import OnnxPredictor, Predictor
-    from imgtune.deploy.bundle import save_bundle
     from imgtune.deploy.export import write_onnx
     from imgtune.train.learner import Learner
 
@@ -203,7 +202,7 @@ def loading_and_inference(args, model, backbone) -> dict:
         learner = Learner(model, None, None, classes=[f"c{i}" for i in range(37)], device="cpu", channels_last=False,
                           config=dict(arch=ARCH, timm_name=backbone.timm_name, weights="imagenet", size=backbone.size,
                                       resize="crop", mean=list(backbone.mean), std=list(backbone.std)))
-        save_bundle(learner, tmp / "run")
+        learner.save(tmp / "run")
         _, difference = write_onnx(tmp / "run")
         torch_predictor, onnx_predictor = Predictor.load(tmp / "run"), OnnxPredictor.load(tmp / "run")
         batch = torch.randn(32, 3, backbone.size, backbone.size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -32,25 +33,38 @@ def versions() -> dict[str, str]:
                 timm=timm.__version__, python=platform.python_version())
 
 
-def save_bundle(learner, run_dir: str | Path, *, metrics: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` for ``learner`` into ``run_dir``."""
+def save_bundle(run_dir: str | Path, *, model: torch.nn.Module, classes: Sequence[str], config: Mapping,
+                metrics: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``run_dir``.
+
+    Args:
+        run_dir: the bundle's folder (made if missing).
+        model: the trained network (its state dict is saved).
+        classes: the class names in output order.
+        config: the training config as plain data (``dict(learner.config)``); it must hold ``timm_name``,
+            ``size``, ``mean`` and ``std``, and is recorded as ``training``.
+        metrics: final metrics to record.
+
+    Returns:
+        ``run_dir`` as a Path.
+    """
     from safetensors.torch import save_file
 
-    missing = [k for k in ("timm_name", "size", "mean", "std") if k not in learner.config]
+    cfg = dict(config)
+    missing = [k for k in ("timm_name", "size", "mean", "std") if k not in cfg]
     if missing:
         raise ImgtuneError(f"the learner's config lacks {', '.join(missing)}: build it with Learner.from_data, "
                            "or give Learner(config=...) the image settings a bundle records")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    cfg = learner.config
     meta = dict(
         format=BUNDLE_FORMAT,
         arch=cfg.get("arch"),
         timm_name=cfg["timm_name"],
-        num_classes=len(learner.classes),
-        classes=list(learner.classes),
+        num_classes=len(classes),
+        classes=list(classes),
         size=cfg["size"],
         resize=cfg.get("resize", "crop"),
         mean=list(cfg["mean"]),

@@ -94,7 +94,7 @@ def write_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None 
     if difference > ONNX_TOLERANCE:
         path.unlink()
         raise ImgtuneError(f"ONNX Runtime's logits differ from PyTorch's by {difference:.2g} "
-                           f"(more than {ONNX_TOLERANCE:g}); try another --opset")
+                           f"(more than {ONNX_TOLERANCE:g}); try another `opset`")
     return path, difference
 
 

@@ -15,18 +15,18 @@ instead of waiting forever.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from imgtune.data.shards import ShardSampler
-from imgtune.errors import ImgtuneError
-from imgtune.errors import first_line
+from imgtune.errors import ImgtuneError, first_line
 
 TIMEOUT_ENV = "IMGTUNE_DIST_TIMEOUT"
 #: Seconds a collective (or the start-up rendezvous) may wait for the other processes.
@@ -74,7 +74,7 @@ def setup(device: str | torch.device | None = None) -> str | None:
     cuda = wanted.type == "cuda" if wanted is not None else torch.cuda.is_available()
     if cuda:
         if not torch.cuda.is_available():
-            raise ImgtuneError("--device cuda: no CUDA GPU is visible to this process")
+            raise ImgtuneError("`device=cuda`: no CUDA GPU is visible to this process")
         if local_rank() >= torch.cuda.device_count():
             raise ImgtuneError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} GPUs are visible; "
                                "give torchrun --nproc_per_node at most the number of GPUs")
@@ -125,6 +125,7 @@ def _first_line(error: BaseException) -> str:
 # --- who am I ---------------------------------------------------------------------------------------
 
 def is_initialized() -> bool:
+    """Whether this process is in a torch.distributed process group."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -242,6 +243,39 @@ def wrap(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataP
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+class DataParallel:
+    """The module a training step calls: the model itself, or under torch.distributed a
+    DistributedDataParallel wrapper of it, rebuilt when freezing changes the trainable parameters
+    (DDP only averages the gradients of the parameters that were trainable when it was built).
+
+    Args:
+        device: the device this process trains on.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._wrapper: nn.Module | None = None
+        self._key: tuple | None = None
+
+    def module(self, model: nn.Module) -> nn.Module:
+        """``model``, or its DDP wrapper while a process group is initialised."""
+        if not is_initialized():
+            return model
+        key = (id(model), tuple(p.requires_grad for p in model.parameters()))
+        if key != self._key:
+            self._wrapper = None  # drop the old wrapper's gradient hooks before the new one adds its own
+            self._wrapper, self._key = wrap(model, self.device), key
+        return self._wrapper
+
+    @staticmethod
+    def no_sync(module: nn.Module, sync: bool):
+        """The context of a backward pass: without ``sync`` a DDP wrapper keeps the gradients local (a
+        micro-batch before the last of an optimizer step); a plain model is unaffected."""
+        if sync or not isinstance(module, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return module.no_sync()
+
+
 def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` with its BatchNorm layers replaced by SyncBatchNorm (same parameters and state-dict keys).
 
@@ -249,6 +283,6 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     statistics train (``bn_stats="train"``); PyTorch implements it on GPUs only.
     """
     if device.type != "cuda":
-        raise ImgtuneError(f"--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on {device.type});"
+        raise ImgtuneError(f"`sync_bn=True` needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on {device.type});"
                            " leave it out on this device")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)

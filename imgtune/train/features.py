@@ -14,12 +14,12 @@ these networks), after checking that its features match PyTorch's within :data:`
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from imgtune.data.presize import ImageView
 from imgtune.data.transforms import tensor_transform
 from imgtune.deploy.export import module_to_onnx
 from imgtune.files import atomic_write
+from imgtune.train import distributed
 
 #: Views cached per image: the picture and its mirror image.
 FEATURE_VIEWS = 2
@@ -274,7 +275,7 @@ class FeatureSource:
 
     @classmethod
     def from_loaders(cls, train_dl: DataLoader, valid_dl: DataLoader, *, seed: int, mean, std, size: int,
-                     cache: bool = True, cache_dir=None, augment: bool = True) -> "FeatureSource | None":
+                     cache: bool = True, cache_dir=None, augment: bool = True) -> FeatureSource | None:
         """``None`` when the loaders are not over image files (e.g. tensors the caller made). Without
         ``augment`` the head trains on the pictures' own view only (no mirror images: for data where a
         flip changes the meaning, such as drawn mouse paths)."""
@@ -308,6 +309,33 @@ class FeatureSource:
                               batch_size=self.batch_size * 2, shuffle=False)
         self._made = (fingerprint, train_dl, valid_dl)
         return train_dl, valid_dl
+
+
+@contextmanager
+def head_on_features(learner):
+    """While ``learner``'s body is frozen and it has a :class:`FeatureSource`: its model becomes the head
+    (:class:`HeadOnFeatures`) and its loaders serve cached features (computed on first use), so each
+    step costs a head's work; the model, loaders and memory format come back when the block ends.
+
+    Nothing changes with the body unfrozen, without features, under torch.distributed (every process
+    then runs the body on its shard), or inside another such block.
+    """
+    if (learner.features is None or isinstance(learner.model, HeadOnFeatures) or not learner.body_frozen()
+            or distributed.is_initialized()):
+        yield
+        return
+    saved = learner.model, learner.train_dl, learner.valid_dl, learner.memory_format
+    started = time.perf_counter()
+    train_dl, valid_dl = learner.features.loaders(learner.model, learner.device,
+                                                  progress=lambda done, total: learner.call("on_features", done, total))
+    if learner.features.stats.get("computed"):
+        learner.timings["features"] = learner.timings.get("features", 0.0) + time.perf_counter() - started
+    learner.model = HeadOnFeatures(learner.model)
+    learner.train_dl, learner.valid_dl, learner.memory_format = train_dl, valid_dl, torch.contiguous_format
+    try:
+        yield
+    finally:
+        learner.model, learner.train_dl, learner.valid_dl, learner.memory_format = saved
 
 
 def imagenet_features(

@@ -1,36 +1,39 @@
 """The Learner: a model, its data and an optimizer, with the lesson's training recipe.
 
-The training step is one visible loop (:meth:`Learner._train_epoch`): forward, loss, backward,
-step, with the learning rate and momentum computed by pure functions from :mod:`imgtune.train.schedule`.
+The training step is one function, :meth:`Learner.train_step`: the schedule's rates, forward, loss,
+backward, optional gradient clipping and the optimizer step. The rates come from the pure functions of
+:mod:`imgtune.train.schedule`; precision (:mod:`imgtune.train.device`), the DDP wrapper
+(:mod:`imgtune.train.distributed`), the head on cached features (:mod:`imgtune.train.features`) and the
+lr finder (:mod:`imgtune.train.lr_find`) are objects and context managers beside the loop, and the
+freezing policy (:mod:`imgtune.train.freezing`) and evaluation (:mod:`imgtune.train.evaluate`) functions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import functools
+import itertools
 import math
 import random
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from imgtune.train import distributed
-from imgtune.train import schedule
-from imgtune.train.callbacks import History, ProgressCallback
-from imgtune.data.loaders import ImageData
-from imgtune.errors import ImgtuneError
-from imgtune.train.features import FeatureDataset, FeatureSource, HeadOnFeatures, supports_features
-from imgtune.models import DEFAULT_ARCH, IMAGENET, NO_WEIGHTS, create_model, get_backbone, layer_groups
 from imgtune.data import shards
-
-
-#: Optimizer steps the automatic epoch counts of :meth:`Learner.fine_tune` aim for, per phase.
-AUTO_STEPS = {"frozen": 60, "unfrozen": 80, "frozen_features": 600}
+from imgtune.data.loaders import ImageData
+from imgtune.deploy.bundle import META_FILE, save_bundle
+from imgtune.errors import ImgtuneError
+from imgtune.models import DEFAULT_ARCH, IMAGENET, NO_WEIGHTS, create_model, get_backbone, layer_groups
+from imgtune.train import distributed, evaluate, freezing, schedule
+from imgtune.train.callbacks import History, ProgressCallback
+from imgtune.train.config import TrainConfig, read_training_config
+from imgtune.train.defaults import AUTO_STEPS
+from imgtune.train.device import Precision, default_device, out_of_memory_error
+from imgtune.train.features import FeatureSource, head_on_features, supports_features
+from imgtune.train.lr_find import LRFinderResult, find_lr
 
 
 def set_seed(seed: int) -> None:
@@ -40,68 +43,26 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def default_device() -> torch.device:
-    """CUDA if present, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-@dataclass
-class LRFinderResult:
-    """The lr-finder curve (one point per step) and the suggested rates (see ``schedule.suggest_lr``)."""
-
-    lrs: list[float]
-    losses: list[float]
-    suggestion: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def suggested(self) -> float:
-        return self.suggestion["suggested"]
-
-
 class Learner:
     """Fine-tunes a model on labelled images.
 
     Build one with :meth:`from_data`. The model's parameters are split into layer groups, input side
-    first and the head last; ``freeze_to(n)`` trains only groups ``n`` onwards.
-
-    Frozen groups are really frozen: their parameters get no gradient and their BatchNorm layers stay
-    in eval mode (running statistics are not updated), so a frozen body computes exactly the same
-    features every epoch.
-
-    ``bn_stats`` says what BatchNorm does in unfrozen groups. ``"frozen"`` (the default): the layers
-    keep normalising with their pretrained running statistics while their scale and shift train, so
-    the features the head was trained on do not jump when the body is unfrozen and small batches of
-    a small dataset cannot pull the statistics around. ``"train"``: PyTorch's usual behaviour, batch
-    statistics in training and running statistics updated; :meth:`from_data` picks it for a network
-    without pretrained weights (``weights="none"``), whose initial statistics mean nothing.
+    first and the head last; ``freeze_to(n)`` trains only groups ``n`` onwards, and ``bn_stats``
+    (``"frozen"`` or ``"train"``) says what BatchNorm does in unfrozen groups (see
+    :mod:`imgtune.train.freezing`; :meth:`from_data` picks ``"train"`` for ``weights="none"``).
+    ``accumulate`` micro-batches make one optimizer step (under torchrun the global batch is
+    bs x processes x accumulate); ``max_grad_norm`` clips the gradients' global norm (off by default).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        train_dl,
-        valid_dl,
-        *,
-        classes: Sequence[str],
-        groups: list[list[nn.Parameter]] | None = None,
-        wd: float = 0.01,
-        device: str | torch.device | None = None,
-        mixed_precision: bool | None = None,
-        channels_last: bool = True,
-        bn_stats: str = "frozen",
-        callbacks: Iterable = (),
-        config: dict | None = None,
-        features: FeatureSource | None = None,
-        accumulate: int = 1,
-        sync_bn: bool = False,
-    ):
+    def __init__(self, model: nn.Module, train_dl, valid_dl, *, classes: Sequence[str],
+                 groups: list[list[nn.Parameter]] | None = None, wd: float = 0.01,
+                 device: str | torch.device | None = None, mixed_precision: bool | None = None,
+                 channels_last: bool = True, bn_stats: str = "frozen", callbacks: Iterable = (),
+                 config: TrainConfig | dict | None = None, features: FeatureSource | None = None,
+                 accumulate: int = 1, sync_bn: bool = False, max_grad_norm: float | None = None):
         self.device = torch.device(device) if device else default_device()
         if accumulate < 1:
-            raise ImgtuneError(f"--accumulate must be 1 or more, not {accumulate}")
+            raise ImgtuneError(f"`accumulate` must be 1 or more, not {accumulate}")
         if sync_bn:
             model = distributed.sync_batchnorm(model, self.device)  # keeps the parameters `groups` holds
         # channels_last makes convolutions 1.5-2.5x faster on CPU (oneDNN) and on GPU tensor cores.
@@ -112,72 +73,52 @@ class Learner:
         self.groups = groups if groups is not None else [list(model.parameters())]
         self.loss_func = nn.CrossEntropyLoss()
         self.opt = torch.optim.AdamW([{"params": g} for g in self.groups], lr=1e-3, weight_decay=wd)
-        mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
-        # bfloat16 where the GPU has it (no loss scaling needed), else float16 with a GradScaler.
-        self.amp_dtype = None
-        if mixed_precision and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.precision = Precision(self.device, mixed_precision)
+        self.parallel = distributed.DataParallel(self.device)
         self.history_cb = History()
         self.callbacks = [self.history_cb, *callbacks]
-        if bn_stats not in ("frozen", "train"):
+        if bn_stats not in freezing.BN_STATS:
             raise ValueError(f"bn_stats must be 'frozen' or 'train', not {bn_stats!r}")
-        self.bn_stats = bn_stats
-        self.config = dict(config or {})
+        self.bn_stats, self.accumulate, self.max_grad_norm = bn_stats, accumulate, max_grad_norm
+        self.config = config = TrainConfig.copy_of(config, source="Learner(config=...)")  # its own: records lr
+        config.accumulate, config.world_size, config.sync_bn = accumulate, distributed.world_size(), sync_bn
         self.timings: dict[str, float] = {}
         self.phase, self.epoch, self.epochs, self.step, self.total_steps = "fit", 0, 0, 0, 0
         self.loss, self.epoch_metrics, self.should_stop = math.nan, {}, False
         # Cached features for the frozen phase (see imgtune.train.features); only for a timm-style model.
         self.features = features if features is not None and supports_features(model) else None
-        self._on_features_depth = 0
-        # Micro-batches per optimizer step; under torchrun the global batch is bs x processes x accumulate.
-        self.accumulate = accumulate
-        self.config.update(accumulate=accumulate, world_size=distributed.world_size(), sync_bn=sync_bn)
-        self._ddp, self._ddp_key, self._epochs_trained = None, None, 0
+        self._epochs_trained = 0
 
     @classmethod
-    def from_data(
-        cls,
-        data: ImageData,
-        arch: str = DEFAULT_ARCH,
-        *,
-        weights: str | None = IMAGENET,
-        size: int | None = None,
-        resize: str = "crop",
-        bs: int = 32,
-        augment: bool = True,
-        num_workers: int | None = None,
-        seed: int = 42,
-        device: str | None = None,
-        progress: bool = True,
-        callbacks: Iterable = (),
-        feature_cache: bool = True,
-        cache: bool = True,
-        cache_dir=None,
-        **kwargs,
-    ) -> "Learner":
+    def from_data(cls, data: ImageData, arch: str = DEFAULT_ARCH, *, weights: str | None = IMAGENET,
+                  size: int | None = None, resize: str = "crop", bs: int = 32, augment: bool = True,
+                  num_workers: int | None = None, seed: int = 42, device: str | None = None, progress: bool = True,
+                  callbacks: Iterable = (), feature_cache: bool = True, cache: bool = True, cache_dir=None,
+                  **kwargs) -> Learner:
         """A learner for ``data`` with a pretrained ``arch`` and a new head, frozen as in the lesson.
 
         Args:
             data: the images (see :func:`imgtune.load_data`).
             arch: a registry name (``imgtune.REGISTRY``) or any timm model name.
-            weights: ``"imagenet"``, ``"none"`` or a path to a weights file.
-            size: image side in pixels (default: the backbone's, 224 for most).
-            resize: ``"crop"``, ``"squish"`` or ``"pad"``.
+            weights: ``"imagenet"``, ``"none"``, a weights file or a run folder (its ``model.json`` is checked).
+            size, resize: image side in pixels (default: the backbone's, 224 for most); ``"crop"``,
+                ``"squish"`` or ``"pad"``.
             bs: batch size per step.
             augment: augment training images (flip, rotate, zoom, lighting).
             num_workers: loader processes (default: one per core).
             seed: seeds the head's initialisation, the shuffling and the augmentation.
             device: ``"cuda"``, ``"mps"``, ``"cpu"``; default picks the fastest present.
-            progress: show progress bars / lines.
-            callbacks: more callbacks.
+            progress, callbacks: show progress bars / lines; more callbacks.
             feature_cache: while the body is frozen, train the head on features computed once per
                 image (see :mod:`imgtune.train.features`) instead of running the body every step.
             cache: keep presized pictures (and features) on disk, reused by later epochs and runs.
             cache_dir: the cache folder (default ``$IMGTUNE_CACHE`` or ``~/.cache/imgtune``).
+            kwargs: the other options of :class:`Learner` (``bn_stats``, ``accumulate``, ...).
         """
         backbone = get_backbone(arch)
         size = size or backbone.size
+        if weights is not None and (Path(weights) / META_FILE).is_file():
+            read_training_config(weights)  # a run folder: a damaged bundle fails here, naming its model.json
         if "bn_stats" not in kwargs:
             # Pretrained statistics are worth keeping; a randomly initialised network has none yet.
             no_weights = weights is None or str(weights).lower() == NO_WEIGHTS
@@ -188,9 +129,9 @@ class Learner:
         device = torch.device(device) if device else default_device()
         train_dl, valid_dl = data.loaders(size=size, resize=resize, mean=mean, std=std, bs=bs, augment=augment,
                                           num_workers=num_workers, seed=seed, pin_memory=device.type == "cuda",
-                                         cache=cache, cache_dir=cache_dir)
-        config = dict(arch=arch, timm_name=backbone.timm_name, weights=str(weights), size=size, resize=resize,
-                      mean=list(mean), std=list(std), bs=bs, augment=augment, seed=seed)
+                                          cache=cache, cache_dir=cache_dir)
+        config = TrainConfig(arch=arch, timm_name=backbone.timm_name, weights=str(weights), size=size, resize=resize,
+                             mean=list(mean), std=list(std), bs=bs, augment=augment, seed=seed)
         callbacks = ([ProgressCallback()] if progress else []) + list(callbacks)
         features = None
         if feature_cache:
@@ -206,10 +147,7 @@ class Learner:
 
     def freeze_to(self, n: int) -> None:
         """Train layer groups ``n`` onwards only (negative ``n`` counts from the head)."""
-        n = n % len(self.groups) if n < 0 else min(n, len(self.groups))
-        for i, group in enumerate(self.groups):
-            for p in group:
-                p.requires_grad_(i >= n)
+        freezing.freeze_to(self.groups, n)
 
     def freeze(self) -> None:
         """Train the head only."""
@@ -219,257 +157,115 @@ class Learner:
         """Train every layer group."""
         self.freeze_to(0)
 
-    def _train_mode(self) -> None:
-        """Train mode, except BatchNorm layers that keep their running statistics (see ``bn_stats``)."""
-        self.model.train()
-        for module in self.model.modules():
-            if isinstance(module, _BatchNorm):
-                params = list(module.parameters(recurse=False))
-                if self.bn_stats == "frozen" or (params and not any(p.requires_grad for p in params)):
-                    module.eval()
-
-    # --- cached features ---------------------------------------------------------------------------
-
     def body_frozen(self) -> bool:
         """Whether only the head trains (every layer group but the last is frozen)."""
-        return not any(p.requires_grad for group in self.groups[:-1] for p in group)
+        return freezing.body_frozen(self.groups)
 
-    @contextlib.contextmanager
-    def _on_features(self):
-        """While the body is frozen and features are enabled: the head as the model and loaders of
-        cached features as the data (computed on first use), so each step costs a head's work."""
-        if self._on_features_depth or self.features is None or not self.body_frozen() or _distributed():
-            self._on_features_depth += 1
-            try:
-                yield
-            finally:
-                self._on_features_depth -= 1
-            return
-        saved = self.model, self.train_dl, self.valid_dl, self.memory_format
-        started = time.perf_counter()
-        train_dl, valid_dl = self.features.loaders(self.model, self.device, progress=self._feature_progress)
-        if self.features.stats.get("computed"):
-            self.timings["features"] = self.timings.get("features", 0.0) + time.perf_counter() - started
-        self.model = HeadOnFeatures(self.model)
-        self.train_dl, self.valid_dl, self.memory_format = train_dl, valid_dl, torch.contiguous_format
-        self._on_features_depth += 1
-        try:
-            yield
-        finally:
-            self._on_features_depth -= 1
-            self.model, self.train_dl, self.valid_dl, self.memory_format = saved
-
-    #: Training features the lr finder measures its loss on when the head trains on cached features.
-    LR_FIND_PROBE = 1024
-
-    def _feature_probe(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """On cached features, a fixed sample of training features (the pictures' own view): the lr
-        finder then records the loss on it after each step instead of the step's batch loss. The
-        curve loses the batch-to-batch noise (large on a hard dataset like elpv, where it dragged the
-        suggestion ten times too low), and a head's forward pass over it costs well under a millisecond."""
-        dataset = self.train_dl.dataset
-        if not isinstance(dataset, FeatureDataset):
-            return None
-        index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[: self.LR_FIND_PROBE]
-        return dataset.features[index, 0].to(self.device), dataset.targets[index].to(self.device)
-
-    @torch.no_grad()
-    def _probe_loss(self, features: torch.Tensor, targets: torch.Tensor) -> float:
-        self.model.eval()
-        loss = self.loss_func(self.model(features).float(), targets).item()
-        self._train_mode()
-        return loss
-
-    def _feature_progress(self, done: int, total: int) -> None:
-        """Tells callbacks with an ``on_features(learner, done, total)`` method how extraction goes."""
-        for cb in self.callbacks:
-            method = getattr(cb, "on_features", None)
-            if method is not None:
-                method(self, done, total)
+    def train_mode(self) -> None:
+        """Train mode, except BatchNorm layers that keep their running statistics (see ``bn_stats``)."""
+        freezing.train_mode(self.model, self.bn_stats)
 
     # --- training ---------------------------------------------------------------------------------
 
-    def _call(self, event: str) -> None:
+    def call(self, event: str, *args) -> None:
+        """Call ``event(learner, *args)`` on every callback that has such a method."""
         for cb in self.callbacks:
             method = getattr(cb, event, None)
             if method is not None:
-                method(self)
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def _batch_loss(self, xb: torch.Tensor, yb: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        xb = xb.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        yb = yb.to(self.device, non_blocking=True)
-        with self._autocast():
-            return self.loss_func((model or self._training_model())(xb).float(), yb)
-
-    def _training_model(self) -> nn.Module:
-        """The module a training step calls: the model, or under torch.distributed a
-        DistributedDataParallel wrapper of it, rebuilt when freezing changes the trainable parameters
-        (DDP only averages the gradients of the parameters that were trainable when it was built)."""
-        if not distributed.is_initialized():
-            return self.model
-        key = (id(self.model), tuple(p.requires_grad for p in self.model.parameters()))
-        if key != self._ddp_key:
-            self._ddp = None  # drop the old wrapper's gradient hooks before the new one adds its own
-            self._ddp, self._ddp_key = distributed.wrap(self.model, self.device), key
-        return self._ddp
-
-    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, *, scale: float = 1.0,
-                          sync: bool = True) -> torch.Tensor:
-        """Forward and backward of one micro-batch, its loss multiplied by ``scale`` (1/accumulate);
-        without ``sync`` DDP keeps the gradients local (a micro-batch before the last of a step).
-
-        Returns the unscaled loss. A CUDA out-of-memory error becomes a one-line ImgtuneError that
-        names a batch size that fits (see :meth:`_out_of_memory_error`).
-        """
-        try:
-            model = self._training_model()
-            no_sync = model.no_sync() if not sync and model is not self.model else contextlib.nullcontext()
-            with no_sync:
-                loss = self._batch_loss(xb, yb, model)
-                scaled = loss * scale if scale != 1.0 else loss
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            return loss.detach()
-        except torch.cuda.OutOfMemoryError:
-            pass  # leave the except block first, so its traceback no longer holds the batch's activations
-        raise self._out_of_memory_error(xb, yb)
-
-    def _optimizer_step(self) -> None:
-        """One optimizer step on the accumulated gradients (through the GradScaler for float16)."""
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-
-    def _out_of_memory_error(self, xb: torch.Tensor, yb: torch.Tensor) -> ImgtuneError:
-        """The error for a batch that does not fit: tries halves of it (forward and backward on the
-        bare model, weights untouched) and names the largest that fits, with the --accumulate that
-        keeps the effective batch. We do not retry by ourselves: a silently smaller batch would change
-        the run's learning-rate semantics and results."""
-        self.opt.zero_grad(set_to_none=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        batch, fits = len(yb), 0
-        trial = batch // 2
-        while trial >= 1 and not fits:
-            try:
-                self._batch_loss(xb[:trial], yb[:trial], self.model).backward()
-                fits = trial
-            except torch.cuda.OutOfMemoryError:
-                trial //= 2
-            self.opt.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        where = f"out of memory on {self.device} in the {self.phase} phase with a batch of {batch} images of " \
-                f"{xb.shape[-1]} px" + (" per process" if distributed.world_size() > 1 else "")
-        if not fits:
-            return ImgtuneError(f"{where}, and even one image does not fit; use a smaller --size or --arch")
-        accumulate = self.accumulate * math.ceil(batch / fits)
-        before, after = [n * distributed.world_size() for n in (batch * self.accumulate, fits * accumulate)]
-        effective = f"the same effective batch of {after}" if after == before else f"effective batch {after}, was {before}"
-        return ImgtuneError(f"{where}; a batch of {fits} fits: rerun with --bs {fits} --accumulate {accumulate}"
-                            f" ({effective})")
+                method(self, *args)
 
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: the training batches, ``accumulate`` per step (a shorter last step)."""
         return math.ceil(len(self.train_dl) / self.accumulate)
 
-    def _set_hyper(self, lrs: Sequence[float], momentum: float | None) -> None:
-        for group, lr in zip(self.opt.param_groups, lrs):
+    def train_step(self, micro_batches: Iterable, count: int, lrs: Sequence[float],
+                   momentum: float | None = None) -> list[tuple[float, int]]:
+        """One optimizer step at rates ``lrs`` (one per layer group) and ``momentum`` (Adam's beta1, ``None``:
+        unchanged) over ``micro_batches``, the step's ``count`` ``(images, targets)`` pairs (read one at a
+        time). Each loss is scaled by 1/count, so the summed gradients equal one batch of them all; under
+        DDP only the last averages gradients across processes. Returns each micro-batch's unscaled loss
+        and size; a CUDA out-of-memory error becomes an ImgtuneError naming a batch that fits.
+        """
+        for group, lr in zip(self.opt.param_groups, lrs):  # the schedule
             group["lr"] = lr
             if momentum is not None:
                 group["betas"] = (momentum, group["betas"][1])
+        self.opt.zero_grad(set_to_none=True)
+        model = self.parallel.module(self.model)  # the model, or its DistributedDataParallel wrapper
+        losses, out_of_memory = [], False
+        try:
+            for i, (xb, yb) in enumerate(micro_batches):
+                x = xb.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                y = yb.to(self.device, non_blocking=True)
+                with self.parallel.no_sync(model, sync=i == count - 1):
+                    with self.precision.autocast():
+                        loss = self.loss_func(model(x).float(), y)  # forward, loss
+                    self.precision.backward(loss * (1.0 / count) if count != 1 else loss)  # backward
+                losses.append((loss.item(), len(yb)))
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True  # advised below, once the traceback no longer holds the batch's activations
+        if out_of_memory:
+            raise out_of_memory_error(self, xb, yb)
+        if self.max_grad_norm is not None:
+            self.precision.unscale(self.opt)
+            nn.utils.clip_grad_norm_([p for group in self.groups for p in group], self.max_grad_norm)
+        self.precision.step(self.opt)  # the optimizer step
+        return losses
 
-    def fit_one_cycle(
-        self,
-        epochs: int,
-        lr_max: float | Sequence[float] = 1e-3,
-        *,
-        pct_start: float = 0.25,
-        div: float = 25.0,
-        div_final: float = 1e5,
-        moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
-        phase: str = "fit",
-    ) -> "Learner":
-        """Train ``epochs`` epochs with the one-cycle policy.
+    def fit_one_cycle(self, epochs: int, lr_max: float | Sequence[float] = 1e-3, *, pct_start: float = 0.25,
+                      div: float = 25.0, div_final: float = 1e5, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
+                      phase: str = "fit") -> Learner:
+        """Train ``epochs`` epochs with the one-cycle policy (see :func:`imgtune.train.schedule.one_cycle`).
 
         ``lr_max`` is one rate or a pair ``(low, high)`` spread geometrically over the layer groups.
         """
         if epochs < 1:
             return self
-        with self._on_features():
-            return self._fit_one_cycle(epochs, lr_max, pct_start=pct_start, div=div, div_final=div_final,
-                                       moms=moms, phase=phase)
-
-    def _fit_one_cycle(self, epochs, lr_max, *, pct_start, div, div_final, moms, phase) -> "Learner":
-        lrs = schedule.discriminative_lrs(lr_max, len(self.groups))
-        self.phase, self.epochs, self.step = phase, epochs, 0
-        self.total_steps = epochs * self.steps_per_epoch
-        self.should_stop = False
-        started = time.perf_counter()
-        self._call("before_fit")
-        for epoch in range(1, epochs + 1):
-            self.epoch = epoch
-            epoch_start = time.perf_counter()
-
-            def hyper(progress: float) -> tuple[list[float], float]:
-                kw = dict(pct_start=pct_start)
-                return ([schedule.one_cycle_lr(progress, lr, div=div, div_final=div_final, **kw) for lr in lrs],
-                        schedule.one_cycle_momentum(progress, moms=moms, **kw))
-
-            train_loss = self._train_epoch(hyper)
-            metrics = self.validate()
-            self.epoch_metrics = dict(epoch=epoch, phase=phase, train_loss=train_loss, **metrics,
-                                      seconds=time.perf_counter() - epoch_start)
-            self._call("after_epoch")
-            if self.should_stop:
-                break
-        self._call("after_fit")
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - started
+        with head_on_features(self):
+            rates = functools.partial(schedule.one_cycle, lr_max=schedule.discriminative_lrs(lr_max, len(self.groups)),
+                                      pct_start=pct_start, div=div, div_final=div_final, moms=moms)
+            self.phase, self.epochs, self.step = phase, epochs, 0
+            self.total_steps = epochs * self.steps_per_epoch
+            self.should_stop = False
+            started = time.perf_counter()
+            self.call("before_fit")
+            for epoch in range(1, epochs + 1):
+                self.epoch, epoch_start = epoch, time.perf_counter()
+                train_loss = self._train_epoch(rates)
+                self.epoch_metrics = dict(epoch=epoch, phase=phase, train_loss=train_loss, **self.validate(),
+                                          seconds=time.perf_counter() - epoch_start)
+                self.call("after_epoch")
+                if self.should_stop:
+                    break
+            self.call("after_fit")
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - started
         return self
 
-    def _train_epoch(self, hyper) -> float:
-        """One pass over the training data; returns the mean training loss (over every process).
-
-        Each optimizer step sums the gradients of ``accumulate`` micro-batches, each loss scaled by
-        1/(micro-batches in the step), so it equals one step on their concatenation (the last step of
-        an epoch may have fewer). Under DDP only the last micro-batch of a step averages gradients.
-        """
-        self._train_mode()
+    def _train_epoch(self, rates) -> float:
+        """One pass over the training data, ``rates(progress)`` giving each step's rates and momentum;
+        returns the mean training loss (over every process)."""
+        self.train_mode()
         shards.set_epoch(self.train_dl, self._epochs_trained)
         shards.record_shard(self.train_dl, phase=self.phase, epoch=self._epochs_trained)
         self._epochs_trained += 1
-        total, count, batches = 0.0, 0, len(self.train_dl)
-        for i, (xb, yb) in enumerate(self.train_dl):
-            first, last = i % self.accumulate == 0, (i + 1) % self.accumulate == 0 or i + 1 == batches
-            if first:
-                micro = min(self.accumulate, batches - i)
-                lrs, momentum = hyper(self.step / max(1, self.total_steps))
-                self._set_hyper(lrs, momentum)
-                self.opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-            loss = self._forward_backward(xb, yb, scale=1.0 / micro, sync=last).item()
-            step_loss += loss / micro
-            total, count = total + loss * len(yb), count + len(yb)
-            if last:
-                self._optimizer_step()
-                self.step += 1
-                self.loss = step_loss
-                self._call("after_batch")
-                if self.should_stop:
-                    break
+        total, count = 0.0, 0
+        for micro, micro_batches in _steps(self.train_dl, self.accumulate):
+            losses = self.train_step(micro_batches, micro, *rates(self.step / max(1, self.total_steps)))
+            step_loss = 0.0
+            for loss, n in losses:
+                step_loss += loss / micro
+                total, count = total + loss * n, count + n
+            self.step, self.loss = self.step + 1, step_loss
+            self.call("after_batch")
+            if self.should_stop:
+                break
         distributed.broadcast_buffers(self.model)
         total, count = distributed.sum_across([total, count])
         return total / max(1, count)
 
     def fine_tune(self, epochs: int | None = None, base_lr: float | Sequence[float] | None = None, *,
-                  freeze_epochs: int | None = None, lr_mult: float = 100.0) -> "Learner":
+                  freeze_epochs: int | None = None, lr_mult: float = 100.0) -> Learner:
         """The lesson's recipe.
 
         1. Freeze the body and train the head for ``freeze_epochs`` at ``base_lr`` (one-cycle with a
@@ -488,7 +284,7 @@ class Learner:
         per_epoch = self.steps_per_epoch
         if freeze_epochs is None:
             # A head step on cached features costs about a thousandth of a network step: take many.
-            key = "frozen_features" if self.features is not None and not _distributed() else "frozen"
+            key = "frozen_features" if self.features is not None and not distributed.is_initialized() else "frozen"
             freeze_epochs = schedule.auto_epochs(per_epoch, min_steps=AUTO_STEPS[key], min_epochs=1)
         if epochs is None:
             epochs = self.auto_unfrozen_epochs()
@@ -499,7 +295,7 @@ class Learner:
             head_lr, rates = float(base_lr), (base_lr / 2 / lr_mult, base_lr / 2)
         else:
             head_lr, rates = float(base_lr[1]), (float(base_lr[0]), float(base_lr[1]))
-        self.config["lr"] = {"frozen": head_lr, "unfrozen": list(rates)}
+        self.config.lr = {"frozen": head_lr, "unfrozen": list(rates)}
         self.fit_one_cycle(freeze_epochs, head_lr, pct_start=0.99, phase="frozen")
         if epochs > 0:
             self.unfreeze()
@@ -515,93 +311,16 @@ class Learner:
         head alone is as accurate on small datasets (the pets sample: 87.6% head only in 223 s, 84.3%
         fine-tuned in 426 s); pass ``epochs`` to fine-tune the body anyway.
         """
-        if self.device.type == "cpu" and self.features is not None and not _distributed():
+        if self.device.type == "cpu" and self.features is not None and not distributed.is_initialized():
             return 0
         return schedule.auto_epochs(self.steps_per_epoch, min_steps=AUTO_STEPS["unfrozen"], min_epochs=2)
 
-    # --- lr finder --------------------------------------------------------------------------------
-
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
                 diverge: float = 4.0) -> LRFinderResult:
-        """Sweep the learning rate exponentially, one batch per step, until the loss diverges.
-
-        The model's weights, its BatchNorm statistics, the optimizer state and the random number
-        generators are restored afterwards, bit for bit.
-
-        Returns:
-            An :class:`LRFinderResult`; its ``suggested`` rate follows ``schedule.suggest_lr``.
-        """
-        with self._on_features():
-            return self._lr_find(start_lr, end_lr, num_steps, diverge)
-
-    def _lr_find(self, start_lr: float, end_lr: float, num_steps: int, diverge: float) -> LRFinderResult:
-        saved_model = copy.deepcopy(self.model.state_dict())
-        saved_opt = copy.deepcopy(self.opt.state_dict())
-        saved_scaler = self.scaler.state_dict() if self.scaler is not None else None
-        saved_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        saved_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        # The train loader shuffles with its own generator; without restoring it, the fit after
-        # lr_find would see other batches than a fit without it.
-        loader_rng = getattr(self.train_dl, "generator", None)
-        saved_loader_rng = loader_rng.get_state() if loader_rng is not None else None
-        # Cached features pick a random view per item with the dataset's own generator.
-        view_rng = getattr(self.train_dl.dataset, "generator", None)
-        saved_view_rng = view_rng.get_state() if view_rng is not None else None
-        started = time.perf_counter()
-        lrs, losses = [], []
-        self.phase, self.epochs, self.step, self.total_steps, self.should_stop = "lr_find", 1, 0, num_steps, False
-        self._call("before_fit")
-        try:
-            self._train_mode()
-            best = math.inf
-            batches = _cycle(self.train_dl)
-            probe = self._feature_probe()
-            for step in range(num_steps):
-                lr = schedule.lr_find_lr(step, num_steps, start_lr=start_lr, end_lr=end_lr)
-                self._set_hyper([lr] * len(self.groups), None)
-                self.opt.zero_grad(set_to_none=True)
-                loss = 0.0
-                for micro in range(self.accumulate):  # one step of the run's effective batch
-                    xb, yb = next(batches)
-                    loss += self._forward_backward(xb, yb, scale=1.0 / self.accumulate,
-                                                   sync=micro == self.accumulate - 1).item() / self.accumulate
-                self._optimizer_step()
-                if probe is not None:
-                    loss = self._probe_loss(*probe)
-                # Every process must take the same steps and stop at the same one: all judge the mean loss.
-                self.step, self.loss = step + 1, distributed.mean_across(loss)
-                lrs.append(lr)
-                losses.append(self.loss)
-                self._call("after_batch")
-                smoothed = schedule.smooth_losses(losses, beta=schedule.LR_FIND_BETA)[-1]
-                best = min(best, smoothed)
-                if not math.isfinite(self.loss) or (step > 10 and smoothed > diverge * best):
-                    break
-        finally:
-            self._call("after_fit")
-            self.model.load_state_dict(saved_model)
-            self.opt.load_state_dict(saved_opt)
-            if saved_scaler is not None:
-                self.scaler.load_state_dict(saved_scaler)
-            torch.set_rng_state(saved_rng[0])
-            random.setstate(saved_rng[1])
-            np.random.set_state(saved_rng[2])
-            if saved_cuda is not None:
-                torch.cuda.set_rng_state_all(saved_cuda)
-            if saved_loader_rng is not None:
-                loader_rng.set_state(saved_loader_rng)
-            if saved_view_rng is not None:
-                view_rng.set_state(saved_view_rng)
-            self.opt.zero_grad(set_to_none=True)
-        self.timings["lr_find"] = self.timings.get("lr_find", 0.0) + time.perf_counter() - started
-        finite = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
-        if len(finite) < 3:
-            raise ImgtuneError("the lr finder diverged at once; check the data, or set --lr yourself")
-        lrs, losses = [p[0] for p in finite], [p[1] for p in finite]
-        suggestion = schedule.suggest_lr(lrs, losses)
-        if probe is not None:
-            suggestion["suggested"] = schedule.head_on_features_lr(suggestion)
-        return LRFinderResult(lrs, losses, suggestion)
+        """Sweep the learning rate exponentially, one step per rate, until the loss diverges; weights,
+        BatchNorm statistics, optimizer and random generators are restored bit for bit afterwards.
+        Returns an :class:`LRFinderResult` (see :func:`imgtune.train.lr_find.find_lr`)."""
+        return find_lr(self, start_lr, end_lr, num_steps, diverge)
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -610,52 +329,34 @@ class Learner:
         its cached features while the body is frozen)."""
         if dl is None:
             self.model.eval()  # the whole model, also when only its head runs on cached features
-            with self._on_features():
-                return self._get_preds(self.valid_dl)
-        return self._get_preds(dl)
-
-    @torch.no_grad()
-    def _get_preds(self, dl) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        self.model.eval()
-        probs, targets, losses = [], [], []
-        for xb, yb in dl:
-            xb, yb = xb.to(self.device, memory_format=self.memory_format), yb.to(self.device)
-            with self._autocast():
-                logits = self.model(xb).float()
-            probs.append(logits.softmax(1).cpu())
-            targets.append(yb.cpu())
-            losses.append(nn.functional.cross_entropy(logits, yb, reduction="none").cpu())
-        # Under torchrun each process predicted its shard of the validation set: put it back together.
-        return distributed.gather_by_index(dl, torch.cat(probs), torch.cat(targets), torch.cat(losses))
+            with head_on_features(self):
+                return self.get_preds(self.valid_dl)
+        return evaluate.predict(self.model, dl, device=self.device, memory_format=self.memory_format,
+                                precision=self.precision)
 
     def validate(self, dl=None) -> dict[str, float]:
         """``valid_loss``, ``accuracy`` and ``error_rate`` over ``dl`` (the validation set by default)."""
-        probs, targets, losses = self.get_preds(dl)
-        accuracy = (probs.argmax(1) == targets).float().mean().item()
-        return dict(valid_loss=losses.mean().item(), accuracy=accuracy, error_rate=1.0 - accuracy)
+        return evaluate.metrics(*self.get_preds(dl))
 
     @property
     def history(self) -> list[dict]:
         """One dict per epoch trained: epoch, phase, train_loss, valid_loss, accuracy, error_rate, seconds."""
         return self.history_cb.records
 
-    def save(self, run_dir, **extra) -> "Learner":
+    def save(self, run_dir, *, metrics: dict | None = None) -> Learner:
         """Write the model bundle (``model.safetensors`` + ``model.json``) to ``run_dir``."""
-        from imgtune.deploy.bundle import save_bundle
-
-        save_bundle(self, run_dir, **extra)
+        save_bundle(run_dir, model=self.model, classes=self.classes, config=dict(self.config), metrics=metrics)
         return self
 
 
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+def _steps(loader, accumulate: int):
+    """The loader's batches as optimizer steps: ``(micro-batches in the step, an iterator over them)``.
 
-
-def _cycle(loader):
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise ImgtuneError("the training set yields no batches; add images or lower --bs")
+    The batches are fetched one at a time as the step consumes them, and the loader is left as a plain
+    ``for`` loop leaves it: its closing ``next()`` ends the sampler's pass (which draws from the
+    loader's generator), so the next epoch shuffles as it would have.
+    """
+    batches, total = iter(loader), len(loader)
+    for start in range(0, total, accumulate):
+        yield min(accumulate, total - start), itertools.islice(batches, accumulate)
+    next(batches, None)

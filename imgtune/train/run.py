@@ -6,18 +6,19 @@ import csv
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
-from imgtune.train import distributed
 from imgtune.data.loaders import ImageData, load_data
 from imgtune.data.presize import ImageView
+from imgtune.deploy.bundle import versions
 from imgtune.errors import ImgtuneError
-from imgtune.deploy.bundle import save_bundle, versions
-from imgtune.train.learner import Learner
 from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
+from imgtune.train import distributed
+from imgtune.train.learner import Learner
+from imgtune.train.lr_find import LRFinderResult
 
 
 @dataclass
@@ -40,9 +41,9 @@ def prepare_out(out: str | Path, *, overwrite: bool = False, create: bool = True
     """Make sure writing to ``out`` destroys nothing: it must be new or empty unless ``overwrite``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ImgtuneError(f"{out}: exists and is not a folder; choose another --out")
+        raise ImgtuneError(f"{out}: exists and is not a folder; choose another `out`")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ImgtuneError(f"{out}: folder exists and is not empty; choose another --out or pass --overwrite")
+        raise ImgtuneError(f"{out}: folder exists and is not empty; choose another `out` or pass `overwrite=True`")
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -102,7 +103,7 @@ def train(
     if (epochs is not None and epochs < 0) or (freeze_epochs is not None and freeze_epochs < 0) or (
         epochs == 0 and freeze_epochs == 0
     ):
-        raise ImgtuneError("--epochs and --freeze-epochs must be >= 0 and not both 0")
+        raise ImgtuneError("`epochs` and `freeze_epochs` must be >= 0 and not both 0")
     started = time.perf_counter()
     device = distributed.setup(device)  # under torchrun: join the other processes (once)
     main = distributed.is_main()
@@ -128,12 +129,12 @@ def train(
     seconds["total"] = time.perf_counter() - started
     metrics = run_metrics(learner, data, finder, seconds, command)
     if main:
-        save_bundle(learner, run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
+        learner.save(run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
         write_json(run_dir / "metrics.json", metrics)
         write_split(data, run_dir / SPLIT_FILE)
     if report:
         started_report = time.perf_counter()
-        _report(learner, run_dir, metrics)
+        _report(learner, run_dir, metrics, finder)
         metrics["seconds"]["report"] = time.perf_counter() - started_report
         if main:
             write_json(run_dir / "metrics.json", metrics)
@@ -142,7 +143,7 @@ def train(
     return RunResult(run_dir, learner, metrics)
 
 
-def run_metrics(learner: Learner, data: ImageData, finder, seconds: dict, command: str) -> dict:
+def run_metrics(learner: Learner, data: ImageData, finder: LRFinderResult | None, seconds: dict, command: str) -> dict:
     """What ``metrics.json`` records: final metrics, history, learning rates, timings, data, versions."""
     final = learner.history[-1]
     return dict(
@@ -167,7 +168,7 @@ def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, default=float) + "\n")
 
 
-def _report(learner: Learner, run_dir: Path, metrics: dict) -> None:
+def _report(learner: Learner, run_dir: Path, metrics: dict, finder: LRFinderResult | None) -> None:
     from imgtune.deploy.bundle import read_meta
     from imgtune.explain.interpret import Interpretation
     from imgtune.explain.report import write_report
@@ -175,7 +176,8 @@ def _report(learner: Learner, run_dir: Path, metrics: dict) -> None:
     interp = Interpretation.from_learner(learner)  # every process: it gathers the validation set
     if not distributed.is_main():
         return
-    write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), train_dataset=learner.train_dl.dataset)
+    write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), train_dataset=learner.train_dl.dataset,
+                 lr_finder=finder)
 
 
 SPLIT_FILE = "split.csv"

@@ -6,8 +6,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
+from collections.abc import Sequence
 
 #: Smoothing of the lr-finder curve: averages about the last 10 of its ~100 steps.
 LR_FIND_BETA = 0.9
@@ -33,6 +32,24 @@ def one_cycle_momentum(progress: float, *, moms: tuple[float, float, float] = (0
     if progress < pct_start:
         return cosine(moms[0], moms[1], progress / pct_start)
     return cosine(moms[1], moms[2], (progress - pct_start) / (1 - pct_start))
+
+
+def one_cycle(progress: float, lr_max: Sequence[float], *, pct_start: float = 0.25, div: float = 25.0,
+              div_final: float = 1e5, moms: tuple[float, float, float] = (0.95, 0.85, 0.95)
+              ) -> tuple[list[float], float]:
+    """The one-cycle policy at ``progress`` for every layer group.
+
+    Args:
+        progress: 0.0 at the first step of the fit, 1.0 at its end.
+        lr_max: each layer group's peak rate (see :func:`discriminative_lrs`).
+        pct_start, div, div_final: see :func:`one_cycle_lr`.
+        moms: see :func:`one_cycle_momentum`.
+
+    Returns:
+        ``(rates, momentum)``: one rate per layer group, and Adam's beta1.
+    """
+    rates = [one_cycle_lr(progress, lr, pct_start=pct_start, div=div, div_final=div_final) for lr in lr_max]
+    return rates, one_cycle_momentum(progress, moms=moms, pct_start=pct_start)
 
 
 def lr_find_lr(step: int, num_steps: int, *, start_lr: float = 1e-7, end_lr: float = 10.0) -> float:

@@ -71,7 +71,8 @@ def test_model_json_describes_the_model(trained, bundle):
 
 def test_save_bundle_records_metrics(trained, tmp_path):
     metrics = trained.validate()
-    run = save_bundle(trained, tmp_path / "nested" / "run", metrics=metrics)
+    run = save_bundle(tmp_path / "nested" / "run", model=trained.model, classes=trained.classes,
+                      config=dict(trained.config), metrics=metrics)
     assert run == tmp_path / "nested" / "run"
     assert json.loads((run / "model.json").read_text())["metrics"] == pytest.approx(metrics)
 

@@ -8,6 +8,7 @@ where no torchrun agent is there to kill the survivor for us.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,15 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_class_folders
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import make_class_folders
 from imgtune import ImgtuneError, Learner
-from imgtune.train import distributed
-from imgtune.train import schedule
-from imgtune.explain.interpret import Interpretation
 from imgtune.data import shards
+from imgtune.explain.interpret import Interpretation
+from imgtune.train import distributed, schedule
 
 # 3 colours x 8 images; a stratified 25% split leaves 18 training images: 9 per process, 3 steps of 3.
 TRAIN = ["--arch", "test_efficientnet", "--size", "32", "--num-workers", "0", "--device", "cpu",
@@ -301,8 +301,31 @@ def test_timeout_comes_from_the_environment(monkeypatch):
 def test_sync_bn_is_refused_off_the_gpu(tiny_data):
     from conftest import TINY
 
-    with pytest.raises(ImgtuneError, match="--sync-bn needs CUDA"):
+    with pytest.raises(ImgtuneError, match="`sync_bn=True` needs CUDA"):
         Learner.from_data(tiny_data, **TINY, sync_bn=True)
+
+
+# --- the DDP wrapper -----------------------------------------------------------------------------------
+
+def test_the_ddp_wrapper_is_built_once_per_set_of_trainable_parameters(tmp_path):
+    import torch.distributed as dist
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    parallel = distributed.DataParallel(torch.device("cpu"))
+    assert parallel.module(model) is model  # no process group: the model itself
+    assert isinstance(parallel.no_sync(model, sync=False), contextlib.nullcontext)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = parallel.module(model)
+        assert isinstance(wrapped, nn.parallel.DistributedDataParallel) and wrapped.module is model
+        assert parallel.module(model) is wrapped
+        model[0].requires_grad_(False)  # freezing changes what DDP must average: a new wrapper
+        rewrapped = parallel.module(model)
+        assert rewrapped is not wrapped and parallel.module(model) is rewrapped
+        assert isinstance(parallel.no_sync(rewrapped, sync=True), contextlib.nullcontext)
+        assert not isinstance(parallel.no_sync(rewrapped, sync=False), contextlib.nullcontext)
+    finally:
+        dist.destroy_process_group()
 
 
 # --- gradient accumulation, single process -------------------------------------------------------------
@@ -357,7 +380,7 @@ def test_the_schedule_counts_optimizer_steps_not_micro_batches():
 
 
 def test_accumulate_must_be_positive():
-    with pytest.raises(ImgtuneError, match="--accumulate"):
+    with pytest.raises(ImgtuneError, match="`accumulate`"):
         small_learner(bs=4, accumulate=0)
 
 
@@ -383,10 +406,10 @@ def test_out_of_memory_names_a_batch_that_fits():
         learner.fit_one_cycle(1, 1e-2)
     message = str(error.value)
     assert "\n" not in message and "out of memory on cpu" in message and "batch of 8 images of 8 px" in message
-    assert "a batch of 2 fits: rerun with --bs 2 --accumulate 4 (the same effective batch of 8)" in message
+    assert "a batch of 2 fits: rerun with `bs=2` `accumulate=4` (the same effective batch of 8)" in message
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value, before[key]), key
-    with pytest.raises(ImgtuneError, match="--bs 2 --accumulate 4"):
+    with pytest.raises(ImgtuneError, match="`bs=2` `accumulate=4`"):
         learner.lr_find(num_steps=5)
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -394,6 +417,6 @@ def test_out_of_memory_names_a_batch_that_fits():
 
 def test_out_of_memory_with_nothing_that_fits():
     learner = small_learner(bs=4, accumulate=2, model=OutOfMemoryAbove(limit=0))
-    with pytest.raises(ImgtuneError, match="even one image does not fit; use a smaller --size or --arch"):
+    with pytest.raises(ImgtuneError, match="even one image does not fit; use a smaller `size` or `arch`"):
         learner.fit_one_cycle(1, 1e-2)
 

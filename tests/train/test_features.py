@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY
+
 from imgtune import Learner
 from imgtune.data.presize import ImageView
-from imgtune.train.features import FEATURE_TOLERANCE, FEATURE_VIEWS, FeatureExtractor, HeadOnFeatures, body_fingerprint, compute_features, imagenet_features
 from imgtune.models import create_model
+from imgtune.train.features import (
+    FEATURE_TOLERANCE,
+    FEATURE_VIEWS,
+    FeatureExtractor,
+    HeadOnFeatures,
+    body_fingerprint,
+    compute_features,
+    head_on_features,
+    imagenet_features,
+)
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -149,12 +158,34 @@ def test_under_torch_distributed_the_body_runs_every_step(tiny_learner, tmp_path
 
 def test_without_augmentation_the_head_never_sees_a_mirror_image(tiny_data):
     learner = Learner.from_data(tiny_data, **TINY, augment=False)
-    with learner._on_features():
+    with head_on_features(learner):
         dataset = learner.train_dl.dataset
         assert not dataset.random_view
         assert all(torch.equal(dataset[i][0], dataset.features[i, 0]) for i in range(len(dataset)))
     augmented = Learner.from_data(tiny_data, **TINY)
-    with augmented._on_features():
+    with head_on_features(augmented):
         dataset = augmented.train_dl.dataset
         seen = {int(torch.equal(dataset[0][0], dataset.features[0, 1])) for _ in range(40)}
         assert seen == {0, 1}  # both views turn up
+
+
+def test_the_swap_to_features_happens_once_and_is_undone(tiny_learner):
+    model, loaders = tiny_learner.model, (tiny_learner.train_dl, tiny_learner.valid_dl)
+    with head_on_features(tiny_learner):
+        head = tiny_learner.model
+        assert isinstance(head, HeadOnFeatures) and tiny_learner.memory_format == torch.contiguous_format
+        with head_on_features(tiny_learner):  # nested, as validate() inside a fit: nothing more changes
+            assert tiny_learner.model is head
+        assert tiny_learner.model is head
+    assert tiny_learner.model is model and (tiny_learner.train_dl, tiny_learner.valid_dl) == loaders
+    assert tiny_learner.memory_format == torch.channels_last
+    tiny_learner.unfreeze()
+    with head_on_features(tiny_learner):  # the body trains: the images go through it
+        assert tiny_learner.model is model
+
+
+def test_the_swap_is_undone_when_the_block_raises(tiny_learner):
+    model = tiny_learner.model
+    with pytest.raises(KeyError), head_on_features(tiny_learner):
+        raise KeyError("boom")
+    assert tiny_learner.model is model

@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from imgtune import Learner, LRFinderResult
 from imgtune.train import schedule
-from imgtune.train.learner import AUTO_STEPS
+from imgtune.train.defaults import AUTO_STEPS
 
 
 class Recorder:
@@ -267,6 +267,69 @@ def test_lr_find_stops_early_when_the_loss_diverges(tiny_learner):
     tiny_learner.unfreeze()
     result = tiny_learner.lr_find(start_lr=1e-3, end_lr=1e6, num_steps=60)
     assert len(result.lrs) < 60
+
+
+# --- the training step ----------------------------------------------------------------------------
+
+
+def linear_learner(**kwargs):
+    """A learner of one linear layer (no BatchNorm, no dropout): its step can be recomputed by hand."""
+    torch.manual_seed(0)
+    return Learner(torch.nn.Linear(5, 3), None, None, classes="abc", device="cpu", channels_last=False, **kwargs)
+
+
+def batch(n=8, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_the_training_step_is_forward_loss_backward_and_an_adamw_step_at_the_given_rate():
+    learner = linear_learner()
+    reference = torch.nn.Linear(5, 3)
+    reference.load_state_dict(learner.model.state_dict())
+    opt = torch.optim.AdamW(reference.parameters(), lr=3e-2, betas=(0.8, 0.999), weight_decay=0.01)
+    xb, yb = batch()
+
+    losses = learner.train_step(iter([(xb, yb)]), 1, [3e-2], 0.8)
+
+    loss = torch.nn.functional.cross_entropy(reference(xb), yb)
+    loss.backward()
+    opt.step()
+    assert losses == [(loss.item(), 8)]
+    assert (learner.opt.param_groups[0]["lr"], learner.opt.param_groups[0]["betas"]) == (3e-2, (0.8, 0.999))
+    assert_same_tensors(reference.state_dict(), learner.model.state_dict())
+    learner.train_step(iter([(xb, yb)]), 1, [1e-3])
+    assert learner.opt.param_groups[0]["betas"] == (0.8, 0.999), "momentum None leaves beta1 as it was"
+
+
+def test_a_step_of_two_micro_batches_sums_their_scaled_gradients():
+    whole, halves = linear_learner(), linear_learner()
+    xb, yb = batch()
+    (whole_loss, _), = whole.train_step(iter([(xb, yb)]), 1, [1e-2])
+    losses = halves.train_step(iter([(xb[:4], yb[:4]), (xb[4:], yb[4:])]), 2, [1e-2])
+    assert [n for _, n in losses] == [4, 4]
+    for a, b in zip(whole.model.parameters(), halves.model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert (losses[0][0] + losses[1][0]) / 2 == pytest.approx(whole_loss, rel=1e-6)  # unscaled: each half's mean
+
+
+def test_the_step_clips_the_gradient_norm_when_asked():
+    xb, yb = batch()
+    plain, clipped = linear_learner(), linear_learner(max_grad_norm=1e-3)
+    for learner in (plain, clipped):
+        learner.train_step(iter([(xb, yb)]), 1, [1e-2])
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in clipped.model.parameters()]))
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.model.parameters()])) > 1e-2
+
+
+def test_the_step_trains_only_unfrozen_groups(tiny_learner):
+    xb, yb = next(iter(tiny_learner.train_dl))
+    before = [[p.detach().clone() for p in group] for group in tiny_learner.groups]
+    tiny_learner.train_step(iter([(xb, yb)]), 1, [1e-2] * 3)
+    assert all(torch.equal(a, b) for group, saved in zip(tiny_learner.groups[:-1], before) for a, b in zip(saved, group))
+    assert not all(torch.equal(a, b) for a, b in zip(before[-1], tiny_learner.groups[-1]))
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from imgtune.train.schedule import auto_epochs, discriminative_lrs, lr_find_lr, one_cycle_lr, one_cycle_momentum, smooth_losses, suggest_lr
+from imgtune.train.schedule import (
+    auto_epochs,
+    discriminative_lrs,
+    lr_find_lr,
+    one_cycle_lr,
+    one_cycle_momentum,
+    smooth_losses,
+    suggest_lr,
+)
 
 PROGRESS = np.linspace(0, 1, 201)
 
@@ -183,3 +191,13 @@ def test_lr_find_on_cached_features_measures_a_fixed_sample(tiny_learner):
     assert result.suggested == head_on_features_lr(result.suggestion)
     # The probe loss is measured on the same sample each step: with a tiny rate it barely moves.
     assert max(result.losses[:5]) - min(result.losses[:5]) < 1e-3
+
+
+def test_one_cycle_gives_every_group_its_rate_and_the_momentum():
+    from imgtune.train.schedule import one_cycle
+
+    for progress in (0.0, 0.1, 0.25, 0.6, 1.0):
+        rates, momentum = one_cycle(progress, [1e-4, 1e-3, 1e-2], pct_start=0.3, div=5.0, div_final=1e4,
+                                    moms=(0.9, 0.8, 0.9))
+        assert rates == [one_cycle_lr(progress, lr, pct_start=0.3, div=5.0, div_final=1e4) for lr in (1e-4, 1e-3, 1e-2)]
+        assert momentum == one_cycle_momentum(progress, moms=(0.9, 0.8, 0.9), pct_start=0.3)
