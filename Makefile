@@ -27,8 +27,10 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/imgtune train $(DEMO_ARGS)
 
-# Every test, the few slow ones on real weights and data included.
+# The layering contracts (pyproject.toml's [tool.importlinter]), then every test, the few slow ones on
+# real weights and data included.
 test: $(VENV)/.installed-dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 # The quick tests only (tiny synthetic images, randomly initialised models).

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import make_class_folders
-from imgtune.cli import cli, parse_lr
+from imgtune.cli import cli, with_flags
+from imgtune.cli.options import parse_lr
 
 FAST = ["--arch", "test_efficientnet", "--weights", "none", "--size", "32", "--bs", "6", "--num-workers", "0",
         "--device", "cpu"]
@@ -98,6 +99,21 @@ def test_predict_prints_top_k(trained):
     line = result.stdout.strip()
     assert line.startswith(str(image)) and line.count("%") == 3
     assert all(name in line for name in ("red", "green", "blue"))
+
+
+def test_predict_loads_no_training_code(trained):
+    import subprocess
+    import sys
+
+    data, out, _ = trained
+    image = next((data / "red").iterdir())
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "imgtune", "predict", str(out), str(image)],
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(str(image))
+    modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    # The CLI reads only the defaults its --help shows (no torch in them) from the training package.
+    assert {m for m in modules if m.startswith("imgtune.train")} == {"imgtune.train", "imgtune.train.defaults"}
 
 
 def test_predict_json(trained):
@@ -199,6 +215,28 @@ def test_bugs_are_one_line_unless_debug(monkeypatch, image_folder):
     assert "internal error" in line and "boom" in line
     debug = CliRunner().invoke(cli, ["--debug", "train", str(image_folder)])
     assert debug.exit_code == 1 and "Traceback" in debug.stderr
+
+
+def test_debug_shows_the_traceback_of_an_error_too():
+    result = CliRunner().invoke(cli, ["--debug", "train", "/no/such/folder"])
+    assert result.exit_code == 1 and "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("imgtune: error: ")
+    assert "no such folder" in result.stderr
+
+
+def test_library_errors_name_the_options_on_the_command_line(image_folder, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(image_folder), *FAST, "--valid-pct", "1.5", "--out", str(tmp_path / "run")])
+    assert "--valid-pct must be between 0 and 1 (exclusive), not 1.5" in one_line_error(result, 1)
+
+
+def test_with_flags_turns_parameters_into_options():
+    train, render = cli.commands["train"], cli.commands["render"]
+    message = "`valid_pct` too big; pass `overwrite=True`; rerun with `bs=2` `accumulate=4`; see `imgtune datasets`"
+    assert with_flags(message, train) == ("--valid-pct too big; pass --overwrite; rerun with --bs 2 --accumulate 4;"
+                                          " see `imgtune datasets`")
+    assert with_flags("`csv_path=a.csv` and `no_such_parameter`", train) == "--csv a.csv and `no_such_parameter`"
+    assert with_flags("pass `time_column`", render) == "pass --time-col"
+    assert with_flags("pass `label_re`", cli.commands["cache"]) == "pass `label_re`"
 
 
 def test_parse_lr():

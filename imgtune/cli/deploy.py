@@ -1,0 +1,186 @@
+"""``imgtune predict``, ``imgtune export`` and ``imgtune serve``: use a trained run; no training code is imported."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from imgtune.cli.options import PROGRESS_MIN_FILES, fit_threads_to_cores
+from imgtune.errors import ImgtuneError
+
+BACKENDS = click.Choice(["auto", "torch", "onnx"])
+
+
+def image_files(paths) -> list[Path]:
+    """PATHs as files: a folder gives its image files (recursively, sorted), a file itself."""
+    from imgtune.data.sources import is_image_file
+
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                raise ImgtuneError(f"{path}: no image files in this folder or below")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def _top_k_text(top: list[tuple[str, float]]) -> str:
+    """``label:prob;label:prob``, the CSV's top_k column."""
+    return ";".join(f"{c}:{p:.6f}" for c, p in top)
+
+
+def _top_k_json(top: list[tuple[str, float]]) -> list[dict]:
+    return [{"label": c, "probability": round(p, 6)} for c, p in top]
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", default=3, show_default=True, help="How many classes to show per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image instead of text.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Write file,label,probability,top_k,error rows to this CSV instead of printing.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing --csv file.")
+@click.option("--bs", default=32, show_default=True, help="Images per batch.")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+              help="onnx: ONNX Runtime on model.onnx (see `imgtune export`); auto: onnx when model.onnx exists.")
+@click.option("--device", default="cpu", show_default=True, help="cuda, mps or cpu.")
+@click.option("--group-by", "group_by", type=click.Path(dir_okay=False),
+              help="A manifest.csv from `imgtune render`: print one prediction per session (the mean "
+              "log-probability of its windows) instead of one per image.")
+def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, device, group_by):
+    """Classify IMAGES (files, or folders searched recursively) with the model in RUN_DIR
+    (a folder written by `imgtune train`)."""
+    fit_threads_to_cores()
+    from imgtune.deploy.predict import load_predictor
+
+    if csv_path and Path(csv_path).exists() and not overwrite:
+        raise ImgtuneError(f"{csv_path}: file exists; choose another --csv or pass --overwrite")
+    predictor = load_predictor(run_dir, backend=backend, device=device)
+    files = image_files(images)
+    if group_by:
+        return _predict_sessions(predictor, files, group_by, top_k=top_k, as_json=as_json, csv_path=csv_path, bs=bs)
+    # A file named on the command line is shown as typed; one found in a folder as found.
+    shown = {Path(p): p for p in images}
+    with open(csv_path, "w", newline="") if csv_path else contextlib.nullcontext() as out:
+        writer = csv.writer(out) if out else None
+        if writer:
+            writer.writerow(["file", "label", "probability", "top_k", "error"])
+        failed = _predict_each(predictor.predict_files(files, bs=bs), len(files), shown, writer=writer,
+                               top_k=top_k, as_json=as_json)
+    if writer:
+        click.echo(f"{len(files) - failed} predictions written to {csv_path}")
+    if failed:
+        raise ImgtuneError(f"{failed} of {len(files)} images could not be read")
+
+
+def _predict_each(results, total: int, shown: dict, *, writer, top_k: int, as_json: bool) -> int:
+    """Write or print each ``(path, prediction, error)`` of ``results``; returns how many failed."""
+    from tqdm import tqdm
+
+    failed = 0
+    for path, prediction, error in tqdm(results, total=total, unit="image", file=sys.stderr,
+                                        disable=total < PROGRESS_MIN_FILES):
+        name = str(shown.get(path, path))
+        if error is not None:
+            failed += 1
+            if writer:
+                writer.writerow([name, "", "", "", error])
+            if as_json and not writer:
+                click.echo(json.dumps({"file": name, "error": error}))
+            else:
+                click.echo(f"error: {error}", err=True)
+            continue
+        top = prediction.top_k(top_k)[0]
+        if writer:
+            writer.writerow([name, top[0][0], f"{top[0][1]:.6f}", _top_k_text(top), ""])
+        elif as_json:
+            click.echo(json.dumps({"file": name, "top_k": _top_k_json(top)}))
+        else:
+            click.echo(f"{name}: " + "  ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    return failed
+
+
+def _predict_sessions(predictor, files, manifest, *, top_k, as_json, csv_path, bs) -> None:
+    """`imgtune predict --group-by`: one line (or CSV row) per session of the manifest."""
+    from imgtune.sequences.groups import predict_groups, read_manifest
+
+    group_of = read_manifest(manifest)
+    missing = [f for f in files if f.resolve() not in group_of]
+    if missing:
+        raise ImgtuneError(f"{missing[0]}: not listed in {manifest} ({len(missing)} of {len(files)} images are not);"
+                           " pass the folder that manifest describes")
+    scores, errors = predict_groups(predictor, files, [group_of[f.resolve()] for f in files], bs=bs)
+    for _, error in errors:
+        click.echo(f"error: {error}", err=True)
+    order = (-scores.probs).argsort(axis=1)[:, :min(top_k, len(scores.classes))]
+    ranked = [[(scores.classes[j], float(scores.probs[g, j])) for j in row] for g, row in enumerate(order)]
+    with open(csv_path, "w", newline="") if csv_path else contextlib.nullcontext() as out:
+        writer = csv.writer(out) if out else None
+        if writer:
+            writer.writerow(["group", "label", "probability", "top_k", "windows"])
+        for group, top, count in zip(scores.groups, ranked, scores.counts.tolist()):
+            if writer:
+                writer.writerow([group, top[0][0], f"{top[0][1]:.6f}", _top_k_text(top), count])
+            elif as_json:
+                click.echo(json.dumps({"group": group, "windows": count, "top_k": _top_k_json(top)}))
+            else:
+                click.echo(f"{group} ({count} windows): " + "  ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    if writer:
+        click.echo(f"{len(scores.groups)} session predictions written to {csv_path}")
+    if errors:
+        raise ImgtuneError(f"{len(errors)} of {len(files)} images could not be read")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "export_format", type=click.Choice(["onnx"]), default="onnx", show_default=True,
+              help="The exported model's format.")
+@click.option("--opset", default=17, show_default=True, help="ONNX opset version.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing model.onnx.")
+def export(run_dir, export_format, opset, overwrite):
+    """Write RUN_DIR's model as model.onnx (dynamic batch; input "images", normalised NCHW float32;
+    output "logits") and check that ONNX Runtime's logits match PyTorch's within 1e-4."""
+    fit_threads_to_cores()
+    from imgtune.deploy.export import write_onnx
+
+    path, difference = write_onnx(run_dir, opset=opset, overwrite=overwrite)
+    click.echo(f"{path}")
+    click.echo(f"max logit difference ONNX Runtime vs PyTorch: {difference:.2e} (batches of 2 and 3)")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 makes the demo reachable from other machines.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-bytes", type=click.IntRange(1), default=10_000_000, show_default=True,
+              help="Largest upload accepted (413 above).")
+@click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
+              help="Most pixels an image may have, read from its header before decoding (413 above).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+              help="Seconds one prediction may take (504 after).")
+@click.option("--backend", type=BACKENDS, default="auto", show_default=True,
+              help="What runs the predictions; Grad-CAM always uses PyTorch.")
+def serve(run_dir, host, port, max_bytes, max_pixels, timeout, backend):
+    """Serve a web demo of RUN_DIR's model: a page to upload or photograph an image and see the top
+    classes with the Grad-CAM overlay, and its JSON API (POST /api/predict; schema at /openapi.json)."""
+    fit_threads_to_cores()
+    from imgtune.serve.app import create_app
+
+    app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout, backend=backend)
+    try:
+        import uvicorn
+    except ImportError:
+        raise ImgtuneError("the web demo needs uvicorn: pip install 'imgtune[serve]'") from None
+
+    click.echo(f"serving {run_dir} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="info")
