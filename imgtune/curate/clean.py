@@ -14,11 +14,16 @@ Relabelling moves the file to the other class folder (class-folder data) or rewr
 goes to the same log (:class:`imgtune.curate.changelog.ChangeLog`), so ``imgtune doctor --undo`` undoes it too.
 A path from the page is refused unless it names, inside the data folder and without leaving it
 through ``..``, an absolute path or a symlink, one of the images being cleaned.
+
+No other web page can drive the server or see its images (:func:`refusal`): every API request needs
+the session's random token, which only the page holds, in a custom header; requests from another
+site or origin are refused; and only the host names 127.0.0.1 and localhost are served.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time.
 import csv
 import io
+import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +35,10 @@ from imgtune.curate.pages import render
 from imgtune.errors import ImgtuneError, UnreadableImageError
 
 THUMBNAIL = 256
+#: The request header that carries the session's token (see :func:`refusal`).
+TOKEN_HEADER = "X-Imgtune-Token"
+#: What the page itself may fetch without a token: the page, which holds the token, and no icon.
+OPEN_PATHS = ("/", "/favicon.ico")
 
 
 class PathRefused(Exception):
@@ -90,6 +99,8 @@ class CleanSession:
         if len({item.label for item in items}) < 2:
             raise ImgtuneError(f"{data}: needs readable images of at least two classes to rank")
         self.classes = sorted({item.label for item in items})
+        # Where the class folder sits below the data folder: second under train/ and valid/, else first.
+        self.class_at = 1 if self.mode == "folders" and any(item.split for item in items) else 0
         scored = _score_with_run(items, run_dir, device) if run_dir else _score_out_of_fold(items, features, arch,
                                                                                              weights)
         scored.sort(key=lambda entry: entry.given_probability)
@@ -195,7 +206,7 @@ class CleanSession:
     def undo(self) -> dict:
         """Undo the latest logged change (from this page, another session or ``doctor --fix``)."""
         with self.lock:
-            undone = undo(self.root, 1)
+            undone = undo(self.root, 1, csv_path=self.csv_path)
             for change in undone:
                 self._revert(change)
             return {"undone": len(undone)}
@@ -217,10 +228,16 @@ class CleanSession:
                     entry.status = ""
 
     def _class_path(self, entry: Entry, label: str) -> Path:
-        """The same file in the class folder of ``label`` (the same split folder, if any)."""
+        """The same file in the class folder of ``label`` (under the same split folder, if any).
+
+        The class folder is found by its place below the data folder, never by its name: a split
+        folder, or a subfolder of a class, may be named like a class (``train/train/``).
+        """
         parts = list(entry.path.relative_to(self.root).parts)
-        at = parts.index(entry.label)  # the class folder: first (or second, under train/ or valid/)
-        parts[at] = label
+        if len(parts) < self.class_at + 2 or parts[self.class_at] != entry.label:
+            raise ImgtuneError(f"{entry.path}: not in the class folder {entry.label}/ of {self.root}; "
+                               "reload the page, or move the file by hand")
+        parts[self.class_at] = label
         return free_name(self.root.joinpath(*parts))
 
     def _csv_files(self) -> dict:
@@ -260,11 +277,46 @@ def _score_with_run(items, run_dir, device) -> list:
             for i, (path, t) in enumerate(zip(interp.paths, interp.targets))]
 
 
+def refusal(method: str, path: str, headers, token: str) -> Optional[PathRefused]:
+    """Why a request is refused, or ``None``: what keeps other web pages from driving the cleaner.
+
+    Only the page and the icon are open. Every other request needs ``token`` in :data:`TOKEN_HEADER`:
+    only the page has it, and a browser sends a custom header to another origin only after a CORS
+    preflight, which this app never allows; so forms, ``<img>`` and no-cors fetches from another site
+    all get the same 403 (an image probe cannot tell which paths exist). Requests a browser marks as
+    from another site or origin are refused even with the token; POST bodies must be JSON.
+
+    Args:
+        method, path: the request's method and URL path.
+        headers: its headers (case-insensitive mapping), ``Host`` already checked to be a local name.
+        token: the session's token.
+
+    Returns:
+        A :class:`PathRefused` with the HTTP status (403 or 415), or ``None`` to serve the request.
+    """
+    if method in ("GET", "HEAD") and path in OPEN_PATHS:
+        return None
+    site = headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):  # "none": typed in the address bar
+        return PathRefused(403, f"refused: a request from another site ({site})")
+    origin = headers.get("origin")
+    if origin is not None and origin != f"http://{headers.get('host', '')}":
+        return PathRefused(403, f"refused: a request from another origin ({origin})")
+    given = headers.get(TOKEN_HEADER, "")
+    # Bytes: compare_digest refuses str with non-ASCII characters, which a header may carry.
+    if not secrets.compare_digest(given.encode("latin-1", "replace"), token.encode("ascii")):
+        return PathRefused(403, f"refused: no or wrong {TOKEN_HEADER} header (use the page imgtune clean serves)")
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if method == "POST" and media_type != "application/json":
+        return PathRefused(415, "send the change as JSON (Content-Type: application/json)")
+    return None
+
+
 def create_app(session: CleanSession):
     """The page and JSON API around ``session``; serve it on 127.0.0.1 only (see ``imgtune clean``).
 
     Returns:
-        A ``fastapi.FastAPI`` app.
+        A ``fastapi.FastAPI`` app; ``app.state.token`` is its new random token (see :func:`refusal`).
     """
     try:
         from fastapi import FastAPI, Query, Request
@@ -278,8 +330,21 @@ def create_app(session: CleanSession):
         path: str
         label: Optional[str] = None
 
-    app = FastAPI(title=f"imgtune clean: {session.root.name}", docs_url=None, redoc_url=None)
-    # Only local names: another site's page cannot reach the server through DNS rebinding.
+    app = FastAPI(title=f"imgtune clean: {session.root.name}", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.token = secrets.token_urlsafe(32)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        refused = refusal(request.method, request.url.path, request.headers, app.state.token)
+        response = (JSONResponse({"detail": refused.detail}, status_code=refused.status) if refused
+                    else await call_next(request))
+        # Not in another site's frame either: no clicks on the page's buttons through a disguise.
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        return response
+
+    # Only local names: another site's page cannot reach the server through DNS rebinding. Added last,
+    # so it runs first.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
 
     @app.exception_handler(PathRefused)
@@ -292,7 +357,7 @@ def create_app(session: CleanSession):
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return render("clean.html", title=session.root.name)
+        return render("clean.html", title=session.root.name, token=app.state.token, token_header=TOKEN_HEADER)
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:

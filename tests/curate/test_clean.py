@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import COLOURS, chromium_or_skip, launch_chromium, make_class_fold
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from imgtune.curate.clean import CleanSession, create_app
+from imgtune.curate.clean import THUMBNAIL, TOKEN_HEADER, CleanSession, create_app
 from imgtune.curate.changelog import ChangeLog, quarantine_dir
 
 SUSPECT = "red/looks_blue.png"
@@ -41,9 +42,15 @@ def data(tmp_path):
     return root
 
 
+def page_client(session: CleanSession, base_url: str = "http://127.0.0.1") -> TestClient:
+    """A client that sends the session's token, as the page does."""
+    app = create_app(session)
+    return TestClient(app, base_url=base_url, headers={TOKEN_HEADER: app.state.token})
+
+
 @pytest.fixture
 def client(data):
-    return TestClient(create_app(CleanSession(data, features=mean_colour)), base_url="http://127.0.0.1")
+    return page_client(CleanSession(data, features=mean_colour))
 
 
 def test_the_most_suspicious_image_comes_first(client):
@@ -69,8 +76,8 @@ def test_relabel_quarantine_keep_and_undo_through_the_api(client, data):
     # A quarantined image can no longer be changed.
     assert client.post("/api/keep", json={"path": "green/green_0.png"}).status_code == 404
     for _ in range(3):
-        assert client.post("/api/undo").json() == {"undone": 1}
-    assert client.post("/api/undo").json() == {"undone": 0}
+        assert client.post("/api/undo", json={}).json() == {"undone": 1}
+    assert client.post("/api/undo", json={}).json() == {"undone": 0}
     assert snapshot(data) == before
     items = {item["path"]: item for item in client.get("/api/items").json()["items"]}
     assert items[SUSPECT]["label"] == "red" and items[SUSPECT]["status"] == ""
@@ -84,20 +91,42 @@ def test_a_relabel_never_overwrites(client, data):
     assert client.post("/api/relabel", json={"path": "red/red_2.png", "label": "purple"}).status_code == 400
 
 
-@pytest.mark.parametrize("path", [
-    "../outside.png", "red/../../outside.png", "/etc/passwd", "", "red\\..\\..\\outside.png", "~/outside.png",
-    "red/nothing.png", "%2e%2e/outside.png", "C:/outside.png",
+STAY_INSIDE = "paths must stay inside the data folder"  # the `..` / absolute path guard's answer
+RELATIVE = "give the image's path relative to the data folder"
+NOT_AN_IMAGE = "not one of the images being cleaned"
+
+
+@pytest.mark.parametrize("path, status, why", [
+    ("../outside.png", 400, STAY_INSIDE), ("red/../../outside.png", 400, STAY_INSIDE),
+    # Stays inside the folder, but only the `..` guard refuses it: without that guard it is a 404.
+    ("red/../red/red_0.png", 400, STAY_INSIDE), ("/etc/passwd", 400, STAY_INSIDE),
+    ("~/outside.png", 400, STAY_INSIDE), ("C:/outside.png", 400, STAY_INSIDE),
+    ("", 400, RELATIVE), ("red\\..\\..\\outside.png", 400, RELATIVE),
+    ("red/nothing.png", 404, NOT_AN_IMAGE), ("%2e%2e/outside.png", 404, NOT_AN_IMAGE),
 ])
-def test_paths_from_the_page_never_leave_the_data_folder(client, data, path):
+def test_paths_from_the_page_never_leave_the_data_folder(client, data, path, status, why):
     outside = data.parent / "outside.png"
     noisy_image(COLOURS["red"], 32, seed=3).save(outside)
     before = snapshot(data.parent)
+    detail = why if why == RELATIVE else f"{path}: {why}"
     for url, body in [("/api/quarantine", {"path": path}), ("/api/relabel", {"path": path, "label": "blue"}),
                       ("/api/keep", {"path": path})]:
         answer = client.post(url, json=body)
-        assert answer.status_code in (400, 404), (url, path, answer.text)
-    assert client.get("/api/image", params={"path": path}).status_code in (400, 404, 422)
+        assert (answer.status_code, answer.json()) == (status, {"detail": detail}), (url, path)
+    answer = client.get("/api/image", params={"path": path})
+    assert (answer.status_code, answer.json()) == (status, {"detail": detail})
     assert snapshot(data.parent) == before
+
+
+def test_a_thumbnail_is_at_most_256_pixels_a_side(tmp_path):
+    root = make_class_folders(tmp_path / "big", n=4)
+    noisy_image(COLOURS["red"], 32, seed=6).resize((1000, 700)).save(root / "red" / "wide.png")
+    client = page_client(CleanSession(root, features=mean_colour))
+    answer = client.get("/api/image", params={"path": "red/wide.png"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    thumbnail = Image.open(io.BytesIO(answer.content))
+    assert THUMBNAIL == 256 and thumbnail.format == "JPEG"
+    assert thumbnail.size == (256, 179)  # 1000 x 700 scaled by 256 / 1000, rounded
 
 
 def test_a_symlink_out_of_the_data_folder_is_refused(data, tmp_path):
@@ -109,7 +138,7 @@ def test_a_symlink_out_of_the_data_folder_is_refused(data, tmp_path):
         (data / "green" / "linked_dir").symlink_to(secret, target_is_directory=True)
     except OSError:
         pytest.skip("no symlinks here")
-    client = TestClient(create_app(CleanSession(data, features=mean_colour)), base_url="http://127.0.0.1")
+    client = page_client(CleanSession(data, features=mean_colour))
     for path in ("red/link.png", "green/linked_dir/private.png"):
         assert client.post("/api/quarantine", json={"path": path}).status_code == 400
         assert client.get("/api/image", params={"path": path}).status_code == 400
@@ -118,8 +147,38 @@ def test_a_symlink_out_of_the_data_folder_is_refused(data, tmp_path):
 
 def test_only_local_host_names_are_served(data):
     app = create_app(CleanSession(data, features=mean_colour))
-    assert TestClient(app, base_url="http://evil.example").get("/api/items").status_code == 400
-    assert TestClient(app, base_url="http://localhost").get("/api/items").status_code == 200
+    token = {TOKEN_HEADER: app.state.token}
+    assert TestClient(app, base_url="http://evil.example", headers=token).get("/api/items").status_code == 400
+    assert TestClient(app, base_url="http://localhost", headers=token).get("/api/items").status_code == 200
+
+
+def test_a_relabel_finds_the_class_folder_by_its_place_not_its_name(tmp_path):
+    # The data folder sits in a folder named like a class, its split folders are train/ and valid/, and
+    # one class is called "train": the class folder is the one right below the split folder.
+    root = tmp_path / "train" / "photos"
+    for split in ("train", "valid"):
+        for label, colour in (("train", COLOURS["red"]), ("blue", COLOURS["blue"])):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                noisy_image(colour, 32, seed=hash((split, label, i)) % 1000).save(root / split / label / f"{label}_{i}.png")
+    before = snapshot(root)
+    client = page_client(CleanSession(root, features=mean_colour))
+    moves = {"train/train/train_0.png": ("blue", "train/blue/train_0.png"),
+             "valid/train/train_1.png": ("blue", "valid/blue/train_1.png"),
+             "train/blue/blue_2.png": ("train", "train/train/blue_2.png")}
+    for path, (label, moved) in moves.items():
+        answer = client.post("/api/relabel", json={"path": path, "label": label})
+        assert answer.status_code == 200 and answer.json()["path"] == moved, answer.text
+        assert (root / moved).is_file() and not (root / path).exists()
+    from imgtune.data.loaders import find_items
+
+    labels = {Path(item.path).relative_to(root).as_posix(): (item.label, item.split) for item in find_items(root).items}
+    assert labels["train/blue/train_0.png"] == ("blue", "train") and labels["valid/blue/train_1.png"] == ("blue", "valid")
+    assert labels["train/train/blue_2.png"] == ("train", "train") and len(labels) == 16
+    for _ in moves:
+        assert client.post("/api/undo", json={}).json() == {"undone": 1}
+    assert snapshot(root) == before
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["photos", "photos.quarantine"]  # the log
 
 
 def test_csv_data_is_relabelled_in_its_rows(tmp_path):
@@ -128,12 +187,11 @@ def test_csv_data_is_relabelled_in_its_rows(tmp_path):
     table = tmp_path / "labels.csv"
     with open(table, "w", newline="") as handle:
         csv.writer(handle).writerows([("file", "label"), *rows])
-    client = TestClient(create_app(CleanSession(root, csv_path=table, features=mean_colour)),
-                        base_url="http://127.0.0.1")
+    client = page_client(CleanSession(root, csv_path=table, features=mean_colour))
     assert client.post("/api/relabel", json={"path": "red/red_0.png", "label": "green"}).status_code == 200
     assert ["red/red_0.png", "green"] in [r for r in csv.reader(open(table))]
     assert (root / "red" / "red_0.png").is_file()  # the file stays where it is
-    assert client.post("/api/undo").json() == {"undone": 1}
+    assert client.post("/api/undo", json={}).json() == {"undone": 1}
     assert ["red/red_0.png", "red"] in [r for r in csv.reader(open(table))]
 
 

@@ -1,11 +1,15 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let state = { classes: [], items: [], mode: "folders" };
+// Every API request carries the session's token in a custom header: the server refuses any without it,
+// so that no other web page can change the data or look at its images.
+const secret = document.querySelector("meta[name=imgtune-token]");
+const tokenHeaders = { [secret.dataset.header]: secret.content };
 
 function show(text, isError) { $("status").textContent = text; $("status").className = isError ? "error" : ""; }
 
 async function call(url, body) {
-  const response = await fetch(url, { method: "POST", headers: { "Content-Type": "application/json" },
+  const response = await fetch(url, { method: "POST", headers: { ...tokenHeaders, "Content-Type": "application/json" },
                                       body: JSON.stringify(body || {}) });
   const answer = await response.json();
   if (!response.ok) throw new Error(answer.detail || response.statusText);
@@ -17,14 +21,26 @@ async function act(url, body, done) {
   await load();
 }
 
+// Thumbnails come through fetch (an <img src> cannot send the token), once a card is near the screen.
+let shown = [];
+const thumbnails = new IntersectionObserver((entries) => entries.forEach(async (entry) => {
+  if (!entry.isIntersecting) return;
+  const img = entry.target;
+  thumbnails.unobserve(img);
+  const response = await fetch("api/image?path=" + encodeURIComponent(img.dataset.path), { headers: tokenHeaders });
+  if (!response.ok) { img.alt = `${img.dataset.path}: ${response.status}`; return; }
+  const url = URL.createObjectURL(await response.blob());
+  shown.push(url);
+  img.src = url;
+}), { rootMargin: "300px" });
+
 function card(item) {
   const div = document.createElement("div");
   div.className = "card " + item.status;
   div.dataset.path = item.path;
   let img = document.createElement("img");
   img.alt = item.path;
-  img.loading = "lazy";
-  if (item.status !== "quarantined") img.src = "api/image?path=" + encodeURIComponent(item.path);
+  if (item.status !== "quarantined") { img.dataset.path = item.path; thumbnails.observe(img); }
   else { img = document.createElement("div"); img.className = "gone"; img.textContent = "in quarantine"; }
   const name = document.createElement("div");
   name.className = "name";
@@ -59,11 +75,15 @@ function card(item) {
 
 function render() {
   const wanted = $("filter").value;
+  thumbnails.disconnect();
+  shown.forEach((url) => URL.revokeObjectURL(url));
+  shown = [];
   $("grid").replaceChildren(...state.items.filter((i) => !wanted || i.label === wanted).map(card));
 }
 
 async function load() {
-  const response = await fetch("api/items");
+  const response = await fetch("api/items", { headers: tokenHeaders });
+  if (!response.ok) { show(`could not load the images (${response.status})`, true); return; }
   state = await response.json();
   const filter = $("filter"), chosen = filter.value;
   filter.replaceChildren(new Option("all", ""), ...state.classes.map((c) => new Option(c, c)));
