@@ -4,7 +4,11 @@ Both downloads use it: the image URL lists of ``imgtune download`` (:mod:`imgtun
 and the dataset archives of the catalogue (:mod:`imgtune.data.catalogue`). urllib3's ``Retry`` retries
 a timeout, a refused connection, a 429 or a 5xx answer with exponential backoff and honours
 Retry-After. Redirects are followed here rather than by urllib3, so that each one is checked: at most
-``max_redirects``, only to http(s) URLs, never back to a URL of the same chain (a loop).
+``max_redirects``, only to http(s) URLs, never from https to plain http, never back to a URL of the
+same chain (a loop), and with ``refuse_private`` never to a host that resolves to a loopback, private
+or link-local address. A URL with non-ASCII characters (an IRI: ``café`` in its path, an IDN host) is
+encoded before it is sent (:func:`to_uri`). :meth:`HttpClient.get` gives up on a body still
+arriving ``deadline`` seconds after the first request, however slowly its bytes trickle in.
 
 Every failure is a :class:`FetchError` whose ``reason`` is one line for a person (a manifest, a
 summary) and whose ``transient`` says whether trying again later may work.
@@ -13,6 +17,8 @@ summary) and whose ``transient`` says whether trying again later may work.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import socket
 import threading
 import time
 import urllib.parse
@@ -24,6 +30,7 @@ import urllib3
 from urllib3 import exceptions
 from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError, SSLError
 from urllib3.util.retry import Retry
+from urllib3.util.url import parse_url
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: Answers worth asking again for: too many requests, and the server's own errors.
@@ -48,14 +55,6 @@ class FetchError(Exception):
         super().__init__(reason)
         self.reason, self.transient, self.status = reason, transient, status
         self.detail = detail or reason
-
-
-class _TooSlow(ReadTimeoutError):
-    """A body that keeps arriving but takes longer than the client's deadline (a read error to ``Retry``)."""
-
-    def __init__(self, reason: str):
-        Exception.__init__(self, reason)
-        self.reason = reason
 
 
 class _Retry(Retry):
@@ -91,19 +90,28 @@ class HttpClient:
     ``no_proxy``, ...) are used as ``urllib.request`` would.
 
     Args:
-        timeout: seconds to connect, and between two reads of one response; :meth:`get` allows a
-            whole body at most ten times this.
+        timeout: seconds to connect, and between two reads of one response.
+        deadline: seconds :meth:`get` may spend on one URL, tries and waits between them included
+            (default: ten times ``timeout``). It is checked after every read of the body, and a read
+            waits at most ``timeout``, so a body ends by ``deadline + timeout``. Before the body, each
+            read of the headers is bounded by ``timeout`` and a Retry-After wait by 30 s, not by the
+            deadline (a body that follows a wait past the deadline is refused).
         retries: further tries after a timeout, a connection error, a 429 or a 5xx answer, waiting
             ``backoff * 2**try`` seconds (or the server's Retry-After, up to 30 s) in between.
         backoff: the first wait, in seconds.
         max_redirects: redirects followed at most; a redirect back to a URL seen before is a loop.
+        refuse_private: refuse a URL, or a redirect, whose host resolves to an address that is not
+            public (loopback, private, link-local, ...; see :func:`private_address`). Off by default:
+            downloading from a server on your own machine or network is a normal use.
         pool_size: connections kept open per host (one per thread that downloads at the same time).
         headers: sent with every request (the User-Agent is :func:`user_agent` unless given here).
     """
 
-    def __init__(self, *, timeout: float = 10.0, retries: int = 2, backoff: float = 1.0, max_redirects: int = 5,
-                 pool_size: int = 8, headers: dict[str, str] | None = None):
-        self.timeout, self.max_redirects = timeout, max_redirects
+    def __init__(self, *, timeout: float = 10.0, deadline: float | None = None, retries: int = 2,
+                 backoff: float = 1.0, max_redirects: int = 5, refuse_private: bool = False, pool_size: int = 8,
+                 headers: dict[str, str] | None = None):
+        self.timeout, self.max_redirects, self.refuse_private = timeout, max_redirects, refuse_private
+        self.deadline = 10 * timeout if deadline is None else deadline
         self.retry = _Retry(total=retries, backoff_factor=backoff, status_forcelist=RETRY_STATUSES,
                             raise_on_status=False, respect_retry_after_header=True)
         self.headers = {"User-Agent": user_agent(), **(headers or {})}
@@ -126,25 +134,29 @@ class HttpClient:
     def get(self, url: str, *, max_bytes: int) -> bytes:
         """The body of ``url``, whole.
 
-        A body over ``max_bytes`` is refused (from its Content-Length, or as it streams), and so is
-        one that takes over ten times ``timeout`` to arrive; a body cut off or too slow is asked for
-        again (from the first URL) while retries are left.
+        A body over ``max_bytes`` is refused (from its Content-Length, or as it streams); a body cut
+        off is asked for again (from the first URL) while retries and time are left. The body is read
+        a piece at a time (whatever has arrived, up to 64 KiB), and once ``deadline`` seconds have
+        passed since the first request the URL fails as ``too slow``, a transient failure.
 
         Raises:
             FetchError: why there is no body.
         """
+        deadline = time.monotonic() + self.deadline
         retries = self.retry
         while True:
             try:
                 with self.open(url, retries=retries) as response:
                     retries = response.retries or retries
-                    return self._read_capped(response, max_bytes)
+                    return self._read_capped(response, max_bytes, deadline)
             except (ReadTimeoutError, ProtocolError, SSLError) as error:
                 # urllib3 retries up to the response's headers; a failure in its body is retried here.
                 try:
                     retries = retries.increment("GET", url, error=error)
                 except MaxRetryError:
                     raise self._broken(error) from None
+                if time.monotonic() + retries.get_backoff_time() >= deadline:
+                    raise self._broken(error) from None  # no time left for another try
                 retries.sleep()
 
     @contextlib.contextmanager
@@ -158,8 +170,9 @@ class HttpClient:
             retries: the retry budget left (default: the client's own).
 
         Raises:
-            FetchError: an error answer (``status`` set), too many redirects, a loop, a non-http
-                URL, or no connection.
+            FetchError: an error answer (``status`` set), too many redirects, a loop, a refused
+                redirect (non-http, https -> http), a private address (with ``refuse_private``), an
+                invalid URL, or no connection.
         """
         response = self._follow(url, headers or {}, retries or self.retry)
         try:
@@ -180,8 +193,10 @@ class HttpClient:
             raise self._broken(error) from None
 
     def _follow(self, url: str, headers: dict[str, str], retries: Retry) -> urllib3.BaseHTTPResponse:
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        url = to_uri(url)
+        if _scheme(url) not in ("http", "https"):
             raise FetchError(f"not an http(s) URL ({url[:80]})")
+        url = self._checked(url)
         seen = [url]
         while True:
             response = self._request(url, headers, retries)
@@ -192,9 +207,14 @@ class HttpClient:
             _release(response)
             if not location:
                 raise FetchError(f"HTTP {response.status} redirect without a Location")
-            url = urllib.parse.urljoin(url, location)
-            if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-                raise FetchError(f"redirect to a non-http URL ({url[:80]})")
+            try:
+                target = urllib.parse.urljoin(url, _as_sent(location))
+            except ValueError:
+                raise FetchError(f"redirect to an invalid URL ({location[:80]})") from None
+            refusal = redirect_refusal(url, target)
+            if refusal:
+                raise FetchError(refusal)
+            url = self._checked(to_uri(target))
             if url in seen:
                 raise FetchError(f"redirect loop ({' -> '.join(seen[-3:] + [url])})")
             seen.append(url)
@@ -205,6 +225,14 @@ class HttpClient:
             raise FetchError(f"HTTP {response.status} {response.reason or ''}".rstrip(),
                              response.status in RETRY_STATUSES, status=response.status)
         return response
+
+    def _checked(self, url: str) -> str:
+        """``url``, unless ``refuse_private`` is on and its host resolves to an address that is not public."""
+        if self.refuse_private:
+            where = private_address(url)
+            if where:
+                raise FetchError(f"private address refused ({where})")
+        return url
 
     def _request(self, url: str, headers: dict[str, str], retries: Retry) -> urllib3.BaseHTTPResponse:
         try:
@@ -231,29 +259,102 @@ class HttpClient:
                 self._proxies[proxy] = urllib3.ProxyManager(proxy, **self._options)
             return self._proxies[proxy]
 
-    def _read_capped(self, response: urllib3.BaseHTTPResponse, max_bytes: int) -> bytes:
-        """The whole body, raising urllib3's own errors for a broken or slow one (so that they are retried)."""
+    def _read_capped(self, response: urllib3.BaseHTTPResponse, max_bytes: int, deadline: float) -> bytes:
+        """The whole body, raising urllib3's own errors for a broken one (so that it is retried).
+
+        ``read1`` returns what one read of the socket gives (``read(n)`` would wait for all ``n``
+        bytes, however slowly they come), so the deadline is checked at least every ``timeout`` seconds.
+        """
         length = response.headers.get("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
             raise FetchError(f"too large ({int(length)} bytes; the limit is {max_bytes})")
-        deadline = time.monotonic() + 10 * self.timeout
         chunks, size = [], 0
-        while chunk := response.read(CHUNK, decode_content=False):
+        while chunk := response.read1(CHUNK, decode_content=False):
             size += len(chunk)
             if size > max_bytes:
                 raise FetchError(f"too large (over the limit of {max_bytes} bytes)")
             if time.monotonic() > deadline:
-                raise _TooSlow(f"too slow (over {10 * self.timeout:g} s)")
+                raise FetchError(f"too slow (not done after {self.deadline:g} s)", True)
             chunks.append(chunk)
         return b"".join(chunks)
 
     def _broken(self, error: Exception) -> FetchError:
         """The FetchError of a body that did not arrive whole."""
-        if isinstance(error, _TooSlow):
-            return FetchError(error.reason, True)
         if isinstance(error, ReadTimeoutError):
             return FetchError(f"timed out after {self.timeout:g} s", True, detail=_root(error))
         return FetchError(f"connection broken ({_root(error)})", True, detail=_root(error))
+
+
+def to_uri(url: str) -> str:
+    """``url`` as it can go in a request line: a non-ASCII host IDNA-encoded (``bücher.de`` ->
+    ``xn--bcher-kva.de``), other characters a URL may not hold (non-ASCII, spaces) percent-encoded as
+    UTF-8 (``café`` -> ``caf%C3%A9``); escapes already there are kept.
+
+    Raises:
+        FetchError: a URL that cannot be parsed (``http://[::1/x``, a host with a space).
+    """
+    try:
+        return parse_url(url).url
+    except (exceptions.LocationParseError, ValueError, UnicodeError):
+        raise FetchError(f"not a valid URL ({url[:80]})") from None
+
+
+def redirect_refusal(origin: str, target: str) -> str | None:
+    """Why a redirect from ``origin`` to ``target`` is not followed, or ``None`` when it may be: only
+    http(s) targets, and never from https to plain http (the rest of the way would be readable and
+    changeable by anyone on the network)."""
+    scheme = _scheme(target)
+    if scheme not in ("http", "https"):
+        return f"redirect to a non-http URL ({target[:80]})"
+    if scheme == "http" and _scheme(origin) == "https":
+        return f"redirect to http refused ({target[:80]})"
+    return None
+
+
+def private_address(url: str) -> str | None:
+    """``"<host> is <address>"`` when the host of ``url`` resolves to any address that is not public
+    (loopback, private, link-local, shared, reserved, unspecified or multicast), else ``None``.
+
+    Every address the name resolves to is checked. The connection resolves the name again, so a DNS
+    server that answers differently the second time (DNS rebinding) is not stopped by this; nor is a
+    proxy's own network.
+
+    Raises:
+        FetchError: the name does not resolve (transient, as the connection would fail the same way).
+    """
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        addresses = _addresses(host)
+    except (OSError, UnicodeError) as error:
+        raise FetchError(f"connection failed (cannot resolve {host}: {error})", True) from None
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 scope (fe80::1%eth0) is not an address
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 reaches 127.0.0.1
+        if not ip.is_global or ip.is_multicast:
+            return f"{host} is {ip}"
+    return None
+
+
+def _addresses(host: str) -> list[str]:
+    """Every address ``host`` resolves to (an IP literal: itself)."""
+    return [info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError:
+        return ""
+
+
+def _as_sent(location: str) -> str:
+    """A Location header as the server wrote it: http.client decodes header bytes as Latin-1, so
+    an IRI sent as UTF-8 arrives garbled (``cafÃ©``) unless its bytes are decoded again."""
+    try:
+        return location.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return location
 
 
 def _release(response: urllib3.BaseHTTPResponse) -> None:

@@ -12,7 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from imgtune import http_client
-from imgtune.http_client import FetchError, HttpClient, user_agent
+from imgtune.http_client import (
+    FetchError,
+    HttpClient,
+    private_address,
+    redirect_refusal,
+    to_uri,
+    user_agent,
+)
 
 BODY = bytes(range(256)) * 40  # 10 kB
 
@@ -84,6 +91,23 @@ class Server:
                 elif path == "/streamed":  # no Content-Length: the size is known only as it arrives
                     self.close_connection = True
                     self.answer(200, BODY, length=False)
+                elif path == "/trickle":  # 1 byte every 0.1 s: never quiet for a whole timeout
+                    self.send_response(200)
+                    self.send_header("Content-Length", "200")
+                    self.end_headers()
+                    for _ in range(200):
+                        try:
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):
+                            return
+                        time.sleep(0.1)
+                elif path == "/caf%C3%A9":  # what a client sends for /café
+                    self.answer(200, BODY)
+                elif path == "/to-utf8":  # a Location in raw UTF-8, which http.client reads as Latin-1
+                    self.answer(302, headers=[("Location", "/café".encode().decode("latin-1"))])
+                elif path in ("/to-loopback", "/to-http"):
+                    self.answer(302, headers=[("Location", f"{outer.url}/body")])
                 else:
                     self.answer(404, b"not here")
 
@@ -221,3 +245,70 @@ def test_the_proxy_of_the_environment_is_used(server, monkeypatch):
     with client() as http:
         assert http.get("http://example.invalid/through-a-proxy", max_bytes=len(BODY)) == BODY
     assert server.requests["http://example.invalid/through-a-proxy"] == 1
+
+
+def test_a_trickle_ends_at_the_deadline(server):
+    # 200 bytes at 10 a second: each read comes well within the timeout, the whole would take 20 s.
+    # The URL must end by deadline + timeout (1.5 s); 3 s is the generous bound of this test.
+    start = time.monotonic()
+    error = failure(server.url + "/trickle", timeout=0.5, deadline=1.0, retries=1)
+    assert time.monotonic() - start < 3
+    assert error.reason == "too slow (not done after 1 s)" and error.transient
+    assert server.requests["/trickle"] == 1  # the deadline is for the URL: no time left for a retry
+    assert HttpClient(timeout=0.5).deadline == 5.0  # the default: ten times the timeout
+
+
+def test_an_iri_is_sent_encoded(server):
+    with client() as http:
+        assert http.get(server.url + "/café", max_bytes=len(BODY)) == BODY
+        assert http.get(server.url + "/to-utf8", max_bytes=len(BODY)) == BODY
+    assert server.requests["/caf%C3%A9"] == 2 and not [p for p in server.requests if "%C3%83" in p]
+    assert to_uri("http://bücher.example/a b/café?q=é") == "http://xn--bcher-kva.example/a%20b/caf%C3%A9?q=%C3%A9"
+    assert to_uri("http://example.com/caf%C3%A9") == "http://example.com/caf%C3%A9"  # escapes kept as they are
+    assert failure("http://[::1/x").reason == "not a valid URL (http://[::1/x)"
+
+
+def test_a_redirect_from_https_to_http_is_refused(server, monkeypatch):
+    refused = "redirect to http refused (http://b.example/y)"
+    assert redirect_refusal("https://a.example/x", "http://b.example/y") == refused
+    assert redirect_refusal("https://a.example/x", "https://b.example/y") is None
+    assert redirect_refusal("http://a.example/x", "https://b.example/y") is None
+    assert redirect_refusal("http://a.example/x", "http://b.example/y") is None
+    # The loopback server speaks plain http: the client is made to believe its first URL is https.
+    send = HttpClient._request
+    monkeypatch.setattr(HttpClient, "_request", lambda self, url, *rest: send(self, url.replace("https:", "http:"),
+                                                                              *rest))
+    error = failure(server.url.replace("http:", "https:") + "/to-http")
+    assert error.reason == f"redirect to http refused ({server.url}/body)" and not error.transient
+    assert server.requests["/to-http"] == 1 and server.requests["/body"] == 0
+
+
+def public_localhost(monkeypatch):
+    """Make the address check believe that ``localhost`` is a public host (the connection still goes to 127.0.0.1)."""
+    resolve = http_client._addresses
+    monkeypatch.setattr(http_client, "_addresses", lambda host: ["93.184.216.34"] if host == "localhost"
+                        else resolve(host))
+
+
+def test_refuse_private_refuses_a_redirect_to_loopback(server, monkeypatch):
+    public_localhost(monkeypatch)
+    start = server.url.replace("127.0.0.1", "localhost") + "/to-loopback"
+    with client() as http:
+        assert http.get(start, max_bytes=len(BODY)) == BODY  # off by default: local servers work
+    error = failure(start, refuse_private=True)
+    assert error.reason == "private address refused (127.0.0.1 is 127.0.0.1)" and not error.transient
+    assert server.requests["/to-loopback"] == 2 and server.requests["/body"] == 1
+    # The first URL is checked too, before anything is sent.
+    assert failure(server.url + "/body", refuse_private=True).reason.startswith("private address refused")
+    assert server.requests["/body"] == 1
+
+
+@pytest.mark.parametrize("addresses, refused", [
+    (["93.184.216.34"], None), (["93.184.216.34", "2606:2800:220:1::"], None),
+    (["93.184.216.34", "10.1.2.3"], "10.1.2.3"),  # every address counts, not only the first
+    (["::ffff:127.0.0.1"], "127.0.0.1"), (["fe80::1%eth0"], "fe80::1"), (["169.254.169.254"], "169.254.169.254"),
+    (["192.168.0.1"], "192.168.0.1"), (["0.0.0.0"], "0.0.0.0"), (["::1"], "::1"),
+])
+def test_private_addresses_are_recognised(monkeypatch, addresses, refused):
+    monkeypatch.setattr(http_client, "_addresses", lambda host: addresses)
+    assert private_address("http://photos.example/a.jpg") == (refused and f"photos.example is {refused}")

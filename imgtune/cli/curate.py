@@ -11,7 +11,9 @@ from imgtune.cli.options import (
     PROGRESS_MIN_FILES,
     data_kwargs,
     data_options,
+    device_option,
     fit_threads_to_cores,
+    resolve_device,
 )
 from imgtune.errors import ImgtuneError
 
@@ -22,13 +24,17 @@ from imgtune.errors import ImgtuneError
               help="Folder to fill: the class folder for a list of URLs, the dataset folder for a url,label CSV.")
 @click.option("--workers", default=8, show_default=True, help="Downloads at the same time.")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
-              help="Seconds to connect and between reads (a whole download: ten times this).")
+              help="Seconds to connect and between reads.")
+@click.option("--deadline", type=click.FloatRange(0, min_open=True),
+              help="Seconds one URL may take in all, however slowly it arrives.  [default: 10 x --timeout]")
 @click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
               help="Tries again after a timeout, a connection error, 429 or 5xx, with exponential backoff.")
 @click.option("--max-bytes", type=click.IntRange(1), default=20_000_000, show_default=True,
               help="Largest file accepted.")
 @click.option("--retry-failed", is_flag=True, help="Also try again URLs that failed for good in an earlier run.")
-def download(source, dest, workers, timeout, retries, max_bytes, retry_failed):
+@click.option("--refuse-private", is_flag=True,
+              help="Refuse URLs and redirects to loopback, private or link-local addresses (for lists from the web).")
+def download(source, dest, workers, timeout, deadline, retries, max_bytes, retry_failed, refuse_private):
     """Download the images listed in SOURCE (a text file of URLs, or a CSV of url,label) into --dest.
 
     Only files that decode as images are kept, exact duplicates are skipped, and a manifest in --dest
@@ -40,8 +46,9 @@ def download(source, dest, workers, timeout, retries, max_bytes, retry_failed):
 
     total = len(read_sources(source))
     with tqdm(total=total, unit="url", file=sys.stderr, disable=total < PROGRESS_MIN_FILES) as bar:
-        report = download_images(source, dest, workers=workers, timeout=timeout, retries=retries, max_bytes=max_bytes,
-                                 retry_failed=retry_failed, progress=lambda url, outcome: bar.update())
+        report = download_images(source, dest, workers=workers, timeout=timeout, deadline=deadline, retries=retries,
+                                 max_bytes=max_bytes, retry_failed=retry_failed, refuse_private=refuse_private,
+                                 progress=lambda url, outcome: bar.update())
     click.echo(report.summary())
 
 
@@ -81,7 +88,7 @@ def doctor(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, out, m
         root = doc.data_root(data, csv_path)
         if root is None:
             raise ImgtuneError("--undo needs the data folder (or --csv) that was changed")
-        changes = changelog.undo(root)
+        changes = changelog.undo(root, csv_path=csv_path)
         click.echo(f"undid {len(changes)} changes logged in {changelog.ChangeLog(root).path}")
         return
     diagnosis = doc.diagnose(data, seed=seed, min_side=min_side, max_aspect=max_aspect, near_distance=near_distance,
@@ -118,7 +125,7 @@ def _feature_function(arch: str, weights: str):
 @click.option("--arch", default="efficientnet_lite0", show_default=True, help="Backbone for the mislabel finder.")
 @click.option("--weights", default="imagenet", show_default=True, help="Its weights (imagenet, none, a file).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True, help="Port on 127.0.0.1.")
-@click.option("--device", default="cpu", show_default=True, help="Where --run's model runs: cuda, mps or cpu.")
+@device_option("--run's model")
 @click.option("--undo", "do_undo", is_flag=True, help="Undo every logged change (page and doctor --fix), newest first.")
 def clean(data, label_re, csv_path, run_dir, arch, weights, port, device, do_undo):
     """Serve a page on 127.0.0.1 showing DATA's images most suspicious first (label vs. the model's
@@ -133,7 +140,7 @@ def clean(data, label_re, csv_path, run_dir, arch, weights, port, device, do_und
         root = data_root(data, csv_path)
         if root is None:
             raise ImgtuneError(f"{data}: no such folder; --undo needs the data folder that was changed")
-        changes = undo(root)
+        changes = undo(root, csv_path=csv_path)
         click.echo(f"undid {len(changes)} changes logged in {ChangeLog(root).path}")
         return
     try:
@@ -141,7 +148,7 @@ def clean(data, label_re, csv_path, run_dir, arch, weights, port, device, do_und
     except ImportError:
         raise ImgtuneError("imgtune clean needs uvicorn: pip install 'imgtune[serve]'") from None
     session = CleanSession(data, label_re=label_re, csv_path=csv_path, run_dir=run_dir, arch=arch, weights=weights,
-                           device=device)
+                           device=resolve_device(device))
     click.echo(f"cleaning {session.root}: {len(session.entries)} images on http://127.0.0.1:{port}/ (Ctrl-C stops;"
                f" changes are logged in {session.log.path})")
     uvicorn.run(create_app(session), host="127.0.0.1", port=port, log_level="warning")

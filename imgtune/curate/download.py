@@ -9,7 +9,9 @@ Content-Type are not trusted), and is skipped when its bytes equal a file alread
 A manifest, ``.imgtune-downloads.json`` in the destination, maps every URL tried to its file or to
 why it failed, so a second run fetches only what is still missing: URLs that failed for good (a
 404, not an image, too large, a redirect loop, a duplicate) are not tried again unless
-``retry_failed``; those that may work later (a timeout, a refused connection, a 5xx) are.
+``retry_failed``; those that may work later (a timeout, a refused connection, a 5xx, too slow, a file
+that could not be saved) are. Whatever goes wrong with one URL is recorded as its failure: the other
+URLs still download.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from imgtune.http_client import FetchError, HttpClient
 
 MANIFEST = ".imgtune-downloads.json"
 MAX_BYTES = 20_000_000
+#: The longest file or folder name made from a URL or a label, in UTF-8 bytes: most file systems
+#: allow 255, and the temporary file of an atomic write adds a dot and about 14 bytes.
+MAX_NAME_BYTES = 200
 #: The file extension given to each decoded format; the URL's own extension is not trusted.
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 #: Names Windows refuses whatever the extension.
@@ -89,19 +94,39 @@ def read_sources(source: str | Path) -> list[tuple[str, str | None]]:
     if not pairs:
         raise ImgtuneError(f"{source}: no URLs in this file")
     for url, _ in pairs:
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        try:
+            scheme = urllib.parse.urlsplit(url).scheme
+        except ValueError as error:  # e.g. http://[::1/x
+            raise ImgtuneError(f"{source}: {url!r} is not a valid URL ({error})") from None
+        if scheme not in ("http", "https"):
             raise ImgtuneError(f"{source}: {url!r} is not an http(s) URL")
     return pairs
 
 
-def safe_name(text: str, *, max_length: int = 80) -> str:
+def safe_name(text: str, *, max_length: int = 80, max_bytes: int = MAX_NAME_BYTES) -> str:
     """A file or folder name that every OS accepts: letters and digits (any script, NFC), ``._-``, not
-    a name Windows reserves, at most ``max_length`` characters."""
+    a name Windows reserves, at most ``max_length`` characters and ``max_bytes`` bytes of UTF-8 (file
+    systems count bytes: 80 Chinese characters are 240). A longer name is cut at a character, keeping
+    its extension."""
     text = unicodedata.normalize("NFC", urllib.parse.unquote(text))
-    name = re.sub(r"[^\w.-]+", "_", text).strip("._ ")[:max_length].rstrip("._ ")
+    name = _cut(re.sub(r"[^\w.-]+", "_", text).strip("._ "), max_length, max_bytes)
     if not name or name.split(".")[0].lower() in RESERVED:
         name = f"_{name}" if name else "image"
     return name
+
+
+def _cut(name: str, max_length: int, max_bytes: int) -> str:
+    """``name`` cut to ``max_length`` characters and ``max_bytes`` UTF-8 bytes, its extension (up to 16
+    characters after the last dot) kept whole."""
+    stem, dot, extension = name.rpartition(".")
+    if not dot or not stem or len(extension) > 16:
+        stem, extension = name, ""
+    else:
+        extension = f".{extension}"
+    room = max_bytes - len(extension.encode())
+    # A cut in the middle of a character's bytes drops that character ("ignore").
+    stem = stem[:max_length - len(extension)].encode()[:room].decode("utf-8", "ignore").rstrip("._ ")
+    return f"{stem}{extension}" if stem else name[:max_length].encode()[:max_bytes].decode("utf-8", "ignore")
 
 
 def download_images(
@@ -110,11 +135,13 @@ def download_images(
     *,
     workers: int = 8,
     timeout: float = 10.0,
+    deadline: float | None = None,
     retries: int = 2,
     backoff: float = 1.0,
     max_bytes: int = MAX_BYTES,
     max_redirects: int = 5,
     retry_failed: bool = False,
+    refuse_private: bool = False,
     progress=None,
 ) -> DownloadReport:
     """Download the images listed in ``source`` into ``dest``.
@@ -123,17 +150,22 @@ def download_images(
         source: a text file of URLs (all into ``dest``) or a CSV of ``url,label`` (into ``dest/<label>``).
         dest: the destination folder, created if needed.
         workers: downloads at the same time.
-        timeout: seconds to connect, and between two reads of one response; a whole download may
-            take at most ten times this.
+        timeout: seconds to connect, and between two reads of one response.
+        deadline: seconds one URL may take, tries and waits included, however slowly its bytes come
+            (default: ten times ``timeout``); then it fails as ``too slow`` (tried again next run).
         retries: further tries after a timeout, a connection error, a 429 or a 5xx answer, waiting
             ``backoff * 2**try`` seconds (or the server's Retry-After, up to 30 s) in between.
         max_bytes: a larger body is refused (from Content-Length, or as it streams).
         max_redirects: redirects followed at most; a redirect back to a URL seen before is a loop.
         retry_failed: try again the URLs that failed for good in an earlier run.
+        refuse_private: refuse URLs and redirects to hosts on loopback, private or link-local addresses
+            (for URL lists from the web; off by default so that local servers work).
         progress: called with ``(url, outcome)`` after each URL, e.g. to update a progress bar.
 
     Returns:
-        A :class:`DownloadReport`; the manifest in ``dest`` is updated after every URL.
+        A :class:`DownloadReport`; the manifest in ``dest`` is updated after every URL. An error while
+        fetching, decoding or saving one URL is that URL's failure; an unexpected one (a bug) is
+        recorded with its exception type, e.g. ``unexpected error (ValueError: ...)``, for good.
     """
     pairs = read_sources(source)
     dest = Path(dest)
@@ -150,8 +182,9 @@ def download_images(
             report.already += 1
             continue
         todo.append((url, label))
-    client = HttpClient(timeout=timeout, retries=retries, backoff=backoff, max_redirects=max_redirects,
-                        pool_size=max(1, workers), headers={"Accept": ACCEPT})
+    client = HttpClient(timeout=timeout, deadline=deadline, retries=retries, backoff=backoff,
+                        max_redirects=max_redirects, refuse_private=refuse_private, pool_size=max(1, workers),
+                        headers={"Accept": ACCEPT})
 
     def one(pair):
         url, label = pair
@@ -159,6 +192,10 @@ def download_images(
             outcome = store.add(url, client.get(url, max_bytes=max_bytes), label)
         except FetchError as error:
             outcome = store.fail(url, error)
+        except OSError as error:  # saving: a full disk, a name the file system refuses, no permission
+            outcome = store.fail(url, FetchError(f"could not save ({type(error).__name__}: {error})", True))
+        except Exception as error:  # noqa: BLE001 -- one URL's bug must not end the run; its type is recorded
+            outcome = store.fail(url, FetchError(f"unexpected error ({type(error).__name__}: {error})"))
         if progress:
             progress(url, outcome)
         return url, outcome
@@ -207,7 +244,9 @@ class _Store:
         digest = hashlib.sha256(data).hexdigest()
         extension = EXTENSIONS.get(_format_of(data), ".img")
         folder = self.dest / safe_name(label) if label is not None else self.dest
-        stem = safe_name(Path(urllib.parse.urlsplit(url).path).stem) or "image"
+        # Room for the extension and a "-<n>" that tells two files of one name apart.
+        stem = safe_name(Path(urllib.parse.urlsplit(url).path).stem,
+                         max_bytes=MAX_NAME_BYTES - len(extension) - 8) or "image"
         with self.lock:
             if digest in self.hashes:
                 return self._record(url, {"duplicate_of": self.hashes[digest]})

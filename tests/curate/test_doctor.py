@@ -207,3 +207,23 @@ def test_the_cli_lists_mislabels_from_a_networks_features(data, tmp_path):
     assert report["problem_counts"]["mislabel"] == 2 and "2 mislabel" in result.output
     listed = [p["files"][0] for p in report["problems"] if p["kind"] == "mislabel"]
     assert "train/red/looks_blue.png" in listed
+
+
+def test_fix_moves_links_as_links_and_never_their_targets(data, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 a broken file that is not in the data")
+    blue = data / "train" / "blue"
+    (data / "train" / "red" / "link.jpg").symlink_to(outside / "broken.jpg")  # corrupt: --fix moves it
+    (blue / "zz_link.png").symlink_to(blue / "blue_1.png")  # a third copy of blue_1.png: --fix moves it
+    before = snapshot(data)
+    moves = fix(diagnose(data, mislabels=0))
+    moved = {m["src"].split("/", 1)[1] for m in moves}
+    assert {"train/red/link.jpg", "train/blue/zz_link.png"} <= moved and "train/blue/blue_1.png" not in moved
+    jail = quarantine_dir(data) / "train"
+    assert (jail / "red" / "link.jpg").is_symlink() and (jail / "blue" / "zz_link.png").is_symlink()
+    assert (outside / "broken.jpg").is_file() and not (outside / "broken.jpg").is_symlink()
+    assert (blue / "blue_1.png").is_file() and not (blue / "blue_1.png").is_symlink()
+    undo(data)
+    assert snapshot(data) == before
+    assert (data / "train" / "red" / "link.jpg").is_symlink() and (blue / "zz_link.png").is_symlink()

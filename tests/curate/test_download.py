@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import noisy_image
 from imgtune.cli import cli
+from imgtune.curate import download
 from imgtune.curate.download import MANIFEST, download_images, read_sources, safe_name
 from imgtune.errors import ImgtuneError
 from imgtune.http_client import user_agent
@@ -32,6 +34,7 @@ def encoded(colour, seed, fmt="JPEG", size=48) -> bytes:
 GOOD = {"/a/good1.jpg": encoded((200, 40, 40), 1), "/b/good2": encoded((40, 200, 40), 2, "PNG"),
         "/c/good3.png": encoded((40, 40, 200), 3, "PNG")}
 SAME = GOOD["/a/good1.jpg"]
+LONG = "熊" * 100  # 300 bytes of UTF-8: more than a file name may have
 OTHER = {"/x/good1.jpg": encoded((5, 5, 5), 7)}  # another image with the same file name
 
 
@@ -93,6 +96,21 @@ class Server:
                         self.send(200, encoded((90, 30, 160), 11))
                 elif path == "/fake.jpg":
                     self.send(200, b"<html><body>a login page</body></html>", "image/jpeg")
+                elif path == "/trickle.jpg":  # 1 byte every 0.1 s: never quiet for a whole timeout
+                    self.send_response(200)
+                    self.send_header("Content-Length", "300")
+                    self.end_headers()
+                    for _ in range(300):
+                        try:
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                        except (BrokenPipeError, ConnectionResetError):
+                            return
+                        time.sleep(0.1)
+                elif path == "/caf%C3%A9.jpg":  # what a client sends for /café.jpg
+                    self.send(200, encoded((120, 60, 30), 12))
+                elif path == urllib.parse.quote(f"/{LONG}.jpg"):
+                    self.send(200, encoded((30, 60, 120), 13))
                 else:
                     self.send(500, b"unexpected", "text/plain")
 
@@ -227,3 +245,66 @@ def test_the_cli_downloads_and_prints_the_summary(server, tmp_path):
                                       "--retries", "0"])
     assert result.exit_code == 0, result.output
     assert "1 downloaded" in result.output and "HTTP 404" in result.output
+
+
+def test_a_trickle_fails_at_the_deadline_while_the_others_download(server, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{server.url}/trickle.jpg\n{server.url}/a/good1.jpg\n{server.url}/b/good2\n")
+    start = time.monotonic()
+    # 300 bytes at 10 a second would take 30 s; the URL must end by deadline + timeout (1.5 s): 3 s is generous.
+    report = download_images(urls, tmp_path / "out", **{**OPTIONS, "deadline": 1.0})
+    assert time.monotonic() - start < 3
+    assert report.failed == {f"{server.url}/trickle.jpg": "too slow (not done after 1 s)"}
+    assert len(report.downloaded) == 2 and "1 too slow:" in report.summary()
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest[f"{server.url}/trickle.jpg"]["transient"]  # tried again by the next run
+
+
+def test_non_ascii_urls_are_fetched_and_long_names_cut_by_bytes(server, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{server.url}/café.jpg\n{server.url}/{LONG}.jpg\n", encoding="utf-8")
+    report = download_images(urls, tmp_path / "out", **OPTIONS)
+    assert report.failed == {} and server.requests["/caf%C3%A9.jpg"] == 1
+    names = sorted(path.name for path in report.downloaded.values())
+    assert names[0] == "café.jpg"
+    assert names[1].startswith("熊熊") and names[1].endswith(".jpg") and len(names[1].encode()) <= 200
+
+
+def test_long_names_are_cut_at_a_character_keeping_the_extension():
+    for text in [LONG, "é" * 150 + ".jpeg", "x" * 100 + ".png", "𠀀" * 90]:
+        name = safe_name(text)
+        assert len(name.encode()) <= 200 and len(name) <= 80 and name[:1] == text[:1]
+        assert name.endswith(text[-5:] if "." in text else text[-1])
+    assert safe_name(LONG, max_bytes=10) == "熊熊熊"
+
+
+def test_an_error_while_saving_one_url_is_recorded_and_the_others_download(server, tmp_path, monkeypatch):
+    write = download.atomic_write
+
+    def failing_write(path, data, *args, **kwargs):
+        if path.name.startswith("good2"):
+            raise RuntimeError("injected")
+        if path.name.startswith("good3"):
+            raise OSError(28, "No space left on device")
+        return write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(download, "atomic_write", failing_write)
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{server.url}/a/good1.jpg\n{server.url}/b/good2\n{server.url}/c/good3.png\n")
+    report = download_images(urls, tmp_path / "out", **OPTIONS)
+    assert [path.name for path in report.downloaded.values()] == ["good1.jpg"]
+    full = "could not save (OSError: [Errno 28] No space left on device)"
+    assert report.failed == {f"{server.url}/b/good2": "unexpected error (RuntimeError: injected)",
+                             f"{server.url}/c/good3.png": full}
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert not manifest[f"{server.url}/b/good2"]["transient"] and manifest[f"{server.url}/c/good3.png"]["transient"]
+
+
+def test_refuse_private_records_a_refusal(server, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{server.url}/a/good1.jpg\n")
+    result = CliRunner().invoke(cli, ["download", str(urls), "--dest", str(tmp_path / "d"), "--refuse-private",
+                                      "--deadline", "5"])
+    assert result.exit_code == 0, result.output
+    assert "0 downloaded" in result.output and "1 private address refused" in result.output
+    assert server.requests["/a/good1.jpg"] == 0
