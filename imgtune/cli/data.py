@@ -43,12 +43,15 @@ def cache_info(cache_dir):
 @click.option("--only", type=click.Choice(["presized", "features", "onnx"]), multiple=True,
               help="Clear only this kind (repeatable).  [default: all three; downloaded datasets are kept]")
 def cache_clear(cache_dir, only):
-    """Delete cached entries; the next run rebuilds what it needs. Downloaded datasets are kept."""
+    """Delete cached entries; the next run rebuilds what it needs. Downloaded datasets are kept, and so is
+    any file imgtune did not write; a folder without imgtune's CACHEDIR.TAG is refused."""
     from imgtune.data import cache
 
     removed = cache.clear(cache_dir, kinds=only or cache.KINDS)
     files, size = sum(r["files"] for r in removed.values()), sum(r["bytes"] for r in removed.values())
-    click.echo(f"removed {files} files ({size / 1e6:.1f} MB) from {cache.cache_root(cache_dir)}")
+    kept = sum(used["files"] for kind, used in cache.usage(cache_dir).items() if kind in removed)
+    others = f"; kept {kept} files imgtune did not write" if kept else ""
+    click.echo(f"removed {files} files ({size / 1e6:.1f} MB) from {cache.cache_root(cache_dir)}{others}")
 
 
 @click.command()
@@ -67,8 +70,9 @@ def cache_clear(cache_dir, only):
 @click.option("--columns", help="series only: comma-separated columns to draw.  [default: all but --time-col]")
 @click.option("--time-col", help="series only: a column of seconds (needed for windows in seconds).")
 @click.option("--workers", type=click.IntRange(1), default=None, help="Processes.  [default: one per core]")
-@click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty OUT (an earlier render's images "
-              "listed in its manifest are removed first).")
+@click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty OUT: the images an earlier render "
+              "recorded there (OUT/.imgtune-render) are replaced, nothing else is deleted; refused if OUT has a "
+              "manifest.csv imgtune did not write.")
 def render(source, out, kind, window, overlap, size, style, columns, time_col, workers, overwrite):
     """Draw every session file in SOURCE/<label>/ as images of overlapping windows: OUT/<label>/*.png
     and OUT/manifest.csv (file,label,group,start,end,t_start,t_end; group = the session).

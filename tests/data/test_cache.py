@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import noisy_image
 from PIL import Image
 
 import imgtune.data.presize
-from conftest import noisy_image
 from imgtune.data import cache
+from imgtune.data.loaders import check_images
 from imgtune.data.presize import ImageView
 from imgtune.data.sources import Item
-from imgtune.data.loaders import check_images
 from imgtune.data.transforms import tensor_transform, valid_transform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -146,3 +146,102 @@ def test_cache_commands_show_and_clear_the_cache(tmp_path):
     cleared = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(root), "--only", "features"])
     assert cleared.exit_code == 0 and "removed 1 files" in cleared.output
     assert cache.usage(root)["features"]["files"] == 0 and cache.usage(root)["presized"]["files"] == 1
+
+
+# --- what `cache clear` may delete ----------------------------------------------------------------
+
+
+def tagged_cache(root):
+    """A cache as imgtune leaves it: presized pictures, features, an exported body, the tag."""
+    cache.ArrayStore(root / "presized" / "valid-32-crop").put("ab" * 16, np.zeros((2, 2, 1), np.uint8))
+    cache.ArrayStore(root / "features" / "f00d-valid-32-crop").put("cd" * 16, np.zeros((2, 8), np.float32))
+    (root / "onnx").mkdir()
+    (root / "onnx" / f"{'0123456789ab' * 2}-32.onnx").write_bytes(b"a graph")
+    (root / "onnx" / f".{'0123456789ab' * 2}-32.onnx.k2_x9q.tmp").write_bytes(b"half a graph (killed)")
+    return root
+
+
+def everything(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_first_entry_tags_a_new_cache_folder_and_never_a_folder_with_other_files(photo, tmp_path):
+    ImageView(32, cache_dir=tmp_path / "new")(photo)
+    tag = (tmp_path / "new" / "CACHEDIR.TAG").read_text()
+    assert tag.splitlines()[0] == "Signature: 8a477f597d28d172789f06886806bc55" and "imgtune" in tag
+    assert cache.is_imgtune_cache(tmp_path / "new")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('mine')")
+    ImageView(32, cache_dir=project)(photo)  # --cache-dir . in a project: backups must keep the project
+    assert len(list((project / "presized").rglob("*.npy"))) == 1 and not (project / "CACHEDIR.TAG").exists()
+
+
+def test_clear_deletes_only_imgtunes_entries_and_keeps_a_users_files(tmp_path):
+    root = tagged_cache(tmp_path / "cache")
+    (root / "features" / "my_notes.txt").write_text("mine")
+    (root / "features" / "f00d-valid-32-crop" / "cd" / "mine.npy").write_bytes(b"mine too")
+    outside = tmp_path / ("ef" * 16 + ".npy")
+    outside.write_bytes(b"linked from the cache")
+    (root / "presized" / "valid-32-crop" / "ef").mkdir()
+    (root / "presized" / "valid-32-crop" / "ef" / outside.name).symlink_to(outside)  # a link, not an entry
+    removed = cache.clear(root)
+    assert removed["presized"]["files"] == 1 and removed["features"]["files"] == 1
+    assert removed["onnx"] == {"files": 2, "bytes": len(b"a graph") + len(b"half a graph (killed)")}
+    assert (root / "features" / "my_notes.txt").read_text() == "mine"
+    assert (root / "features" / "f00d-valid-32-crop" / "cd" / "mine.npy").read_bytes() == b"mine too"
+    assert (root / "presized" / "valid-32-crop" / "ef" / outside.name).is_symlink() and outside.is_file()
+    assert not (root / "onnx").exists() and not (root / "presized" / "valid-32-crop" / "ab").exists()
+    assert cache.usage(root)["features"]["files"] == 2 and (root / "CACHEDIR.TAG").is_file()
+
+
+def test_cache_clear_says_what_it_kept(tmp_path):
+    from click.testing import CliRunner
+
+    from imgtune.cli import cli
+
+    root = tagged_cache(tmp_path / "cache")
+    (root / "features" / "my_notes.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(root)])
+    assert result.exit_code == 0 and "removed 4 files" in result.output
+    assert "kept 1 files imgtune did not write" in result.output
+
+
+def test_clear_refuses_a_folder_that_is_not_an_imgtune_cache(tmp_path):
+    from click.testing import CliRunner
+
+    from imgtune.cli import cli
+    from imgtune.errors import ImgtuneError
+
+    mine = tmp_path / "mine"
+    (mine / "features").mkdir(parents=True)
+    (mine / "features" / "my_notes.txt").write_text("mine")
+    cache.ArrayStore(mine / "presized" / "v").put("ab" * 16, np.zeros((2, 2, 1), np.uint8))  # imgtune-shaped
+    assert not (mine / "CACHEDIR.TAG").exists()
+    before = everything(mine)
+    with pytest.raises(ImgtuneError, match="not an imgtune cache"):
+        cache.clear(mine)
+    result = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(mine)])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{mine}: not an imgtune cache" in line and "pass the cache folder imgtune made" in line
+    info = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(mine)])
+    assert info.exit_code == 0 and [line.split()[:2] for line in info.output.splitlines()[1:]] == [
+        ["presized", "1"], ["features", "1"], ["onnx", "0"]]
+    assert everything(mine) == before  # info tags nothing, clear deleted nothing
+
+    other = tmp_path / "other-tool"  # another program's cache: its tag is not imgtune's
+    cache.ArrayStore(other / "features" / "f").put("cd" * 16, np.zeros((2, 8), np.float32))
+    (other / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n# other-tool\n")
+    with pytest.raises(ImgtuneError, match="not an imgtune cache"):
+        cache.clear(other)
+    assert len(list(other.rglob("*.npy"))) == 1
+
+
+def test_a_cache_from_before_the_tag_is_tagged_and_cleared(tmp_path):
+    root = tagged_cache(tmp_path / "cache")
+    (root / "CACHEDIR.TAG").unlink()  # as an earlier imgtune left it
+    cache.clear(root, kinds=("features",))
+    assert cache.is_imgtune_cache(root) and cache.usage(root)["features"]["files"] == 0
+    assert cache.usage(root)["presized"]["files"] == 1
+    assert cache.clear(tmp_path / "no-such-folder") == {kind: {"files": 0, "bytes": 0} for kind in cache.KINDS}

@@ -201,3 +201,54 @@ def test_one_cycle_gives_every_group_its_rate_and_the_momentum():
                                     moms=(0.9, 0.8, 0.9))
         assert rates == [one_cycle_lr(progress, lr, pct_start=0.3, div=5.0, div_final=1e4) for lr in (1e-4, 1e-3, 1e-2)]
         assert momentum == one_cycle_momentum(progress, moms=(0.9, 0.8, 0.9), pct_start=0.3)
+
+
+# Fixed values worked out by hand, so that a broken schedule cannot agree with itself. With lr_max = 1,
+# div = 25 and div_final = 1e5 the warm-up runs from 0.04 to 1 and the annealing from 1 to 1e-5; the
+# momentum runs 0.95 -> 0.85 -> 0.95. cosine(a, b, t) = b + (a - b) / 2 * (1 + cos(pi t)), so at
+# t = 1/4, 1/3, 1/2, 3/4 the factor (1 + cos(pi t)) / 2 is (1 + sqrt(2)/2) / 2, 3/4, 1/2, (1 - sqrt(2)/2) / 2.
+# Columns: progress, lr, momentum.
+ONE_CYCLE_BY_HAND = {
+    0.3: [  # fine_tune's unfrozen phase
+        (0.0, 0.04, 0.95),
+        (0.1, 0.28, 0.925),  # t = 1/3 of the warm-up: 1 - 0.96 * 3/4; 0.85 + 0.1 * 3/4
+        (0.15, 0.52, 0.90),  # t = 1/2: 1 - 0.96 / 2; 0.85 + 0.1 / 2
+        (0.3, 1.0, 0.85),  # the peak
+        (0.65, 0.500005, 0.90),  # t = 1/2 of the annealing: 1e-5 + (1 - 1e-5) / 2
+        (0.825, 0.1464551449406324, 0.9353553390593274),  # t = 3/4: 1e-5 + (1 - 1e-5)(1 - sqrt(2)/2)/2
+        (1.0, 1e-5, 0.95),
+    ],
+    0.99: [  # fine_tune's frozen phase
+        (0.0, 0.04, 0.95),
+        (0.33, 0.28, 0.925),
+        (0.495, 0.52, 0.90),
+        (0.99, 1.0, 0.85),
+        (0.995, 0.500005, 0.90),
+        (1.0, 1e-5, 0.95),
+    ],
+    0.25: [  # the default
+        (0.0, 0.04, 0.95),
+        (0.0625, 0.1805887450304572, 0.9353553390593274),  # t = 1/4: 1 - 0.96 (1 + sqrt(2)/2) / 2
+        (0.125, 0.52, 0.90),
+        (0.25, 1.0, 0.85),
+        (0.625, 0.500005, 0.90),
+        (1.0, 1e-5, 0.95),
+    ],
+}
+
+
+@pytest.mark.parametrize("pct_start", sorted(ONE_CYCLE_BY_HAND))
+def test_one_cycle_matches_values_worked_out_by_hand(pct_start):
+    for progress, lr, momentum in ONE_CYCLE_BY_HAND[pct_start]:
+        where = f"pct_start={pct_start}, progress={progress}"
+        assert one_cycle_lr(progress, 1.0, pct_start=pct_start) == pytest.approx(lr, rel=1e-9), where
+        assert one_cycle_momentum(progress, pct_start=pct_start) == pytest.approx(momentum, rel=1e-9), where
+
+
+@pytest.mark.parametrize("pct_start", [0.3, 0.99])
+def test_one_cycle_passes_pct_start_to_the_momentum_too(pct_start):
+    from imgtune.train.schedule import one_cycle
+
+    for progress, lr, momentum in ONE_CYCLE_BY_HAND[pct_start]:
+        rates, beta1 = one_cycle(progress, [1.0, 0.5], pct_start=pct_start)
+        assert rates == pytest.approx([lr, lr / 2], rel=1e-9) and beta1 == pytest.approx(momentum, rel=1e-9)
