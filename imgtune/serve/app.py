@@ -10,9 +10,23 @@
 Every bad input gets a 4xx answer with ``{"detail": "one line"}``: a body over ``max_bytes`` 413,
 an empty, truncated or undecodable file 400, a file that is not a JPEG, PNG, WebP, BMP, GIF or TIFF
 415, more than ``max_pixels`` pixels (read from the header, before decoding) 413, a missing field or
-bad query 422 (see :mod:`imgtune.serve.uploads`), and inference slower than ``timeout`` seconds 504.
-The model is loaded once; requests run it in worker threads, one at a time on the PyTorch model
-(Grad-CAM adds hooks to it).
+bad query 422 (see :mod:`imgtune.serve.uploads`). When the server listens on loopback, a request for
+any other host name gets 421 (DNS rebinding; see :class:`~imgtune.serve.uploads.LoopbackHostOnly`).
+
+The model is loaded once. The event loop only receives requests and answers them: each upload is
+read, decoded, converted to RGB, resized and classified in a worker thread, all of it under
+``timeout`` seconds (504 after; the thread is abandoned, not stopped, and keeps its slot until it
+ends). At most ``max_concurrent`` uploads are in the workers at once; one more gets 503 with
+``Retry-After: 1`` at once rather than waiting in a queue. ``/api/health`` never waits for a slot
+or a decode. Predictions on the PyTorch model run one at a time (Grad-CAM adds hooks to it).
+
+Memory: each upload in the workers holds at most about ``2 * max_bytes`` of encoded data and
+``12 * max_pixels`` bytes of pictures: the decoded one (Pillow keeps RGB, RGBA, LA, CMYK, I and F
+in 4 bytes a pixel, 16-bit grey in 2), the 8-bit RGB result (4 bytes a pixel), and an RGBA copy for
+grey with alpha (12 in all, the worst mode; 7 to 9 for the others: 16-bit and float images add one
+8-bit plane, converted a strip of rows at a time in float32, see :func:`imgtune.data.images.to_rgb`).
+With the defaults (10 MB, 40 megapixels) that is about 500 MB an upload, so ``max_concurrent``
+times that for the whole server, beside the model.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time, and
@@ -22,28 +36,43 @@ import base64
 import io
 import threading
 import time
-from functools import lru_cache, partial
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import jinja2
 from PIL import Image
 
 from imgtune.errors import ImgtuneError, first_line
-from imgtune.serve.uploads import MAX_BYTES, MAX_PIXELS, BodyLimit, RequestError, decode_upload
+from imgtune.serve.uploads import (
+    MAX_BYTES,
+    MAX_PIXELS,
+    BodyLimit,
+    LoopbackHostOnly,
+    RequestError,
+    decode_upload,
+    is_loopback,
+)
+from imgtune.system import usable_cores
 
 TIMEOUT = 30.0
+
+#: Seconds a client told the server is busy (503) should wait before it tries again.
+RETRY_AFTER = 1
 
 
 class Demo:
     """The loaded model, shared by every request: prediction (ONNX or PyTorch) and Grad-CAM (PyTorch)."""
 
-    def __init__(self, run_dir: str | Path, *, backend: str = "auto"):
+    def __init__(self, run_dir: str | Path, *, backend: str = "auto", device: str = "cpu"):
         from imgtune.deploy.predict import Predictor, load_predictor
         from imgtune.explain.interpret import Interpretation
 
         self.run_dir = Path(run_dir)
-        self.predictor = load_predictor(self.run_dir, backend=backend)
-        self.torch = self.predictor if isinstance(self.predictor, Predictor) else Predictor.load(self.run_dir)
+        self.predictor = load_predictor(self.run_dir, backend=backend, device=device)
+        self.torch = self.predictor if isinstance(self.predictor, Predictor) else Predictor.load(self.run_dir,
+                                                                                                 device=device)
         self.explainer = Interpretation.for_model(self.torch)
         self.meta = self.predictor.meta
         self.classes = self.predictor.classes
@@ -73,6 +102,25 @@ class Demo:
         return dict(labels=[dict(label=label, probability=p) for label, p in ranked], top=ranked[0][0],
                     seconds=time.perf_counter() - started, cam=overlay)
 
+    def classify_upload(self, upload: BinaryIO, *, max_pixels: int, top_k: int, cam: bool) -> dict:
+        """Read, decode and classify an uploaded file: what one worker does for ``POST /api/predict``.
+
+        Args:
+            upload: the uploaded file (read from its current position).
+            max_pixels: the most pixels the image may have, read from its header before decoding.
+            top_k: how many classes to return.
+            cam: whether to add the Grad-CAM overlay.
+
+        Returns:
+            What :meth:`predict` returns, with ``seconds`` counted from the start of decoding.
+
+        Raises:
+            RequestError: an image the demo refuses (see :func:`imgtune.serve.uploads.decode_upload`).
+        """
+        started = time.perf_counter()
+        image = decode_upload(upload.read(), max_pixels=max_pixels)
+        return {**self.predict(image, top_k=top_k, cam=cam), "seconds": time.perf_counter() - started}
+
     def _cam(self, image: Image.Image, class_index: int) -> str:
         x = self.explainer.input_tensor(image)  # transformed once for Grad-CAM and the overlay
         with self.lock:
@@ -83,15 +131,22 @@ class Demo:
 
 
 def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               timeout: float = TIMEOUT, backend: str = "auto"):
+               timeout: float = TIMEOUT, backend: str = "auto", max_concurrent: int | None = None,
+               host: str | None = None, device: str = "cpu"):
     """The demo app for the model bundle in ``run_dir``.
 
     Args:
         run_dir: a folder written by ``imgtune train`` (or ``Learner.save``).
         max_bytes: the largest request body accepted (413 above).
         max_pixels: the most pixels an image may have, checked from its header (413 above).
-        timeout: seconds one prediction may take (504 after).
+        timeout: seconds decoding and classifying one upload may take (504 after).
         backend: ``auto``, ``torch`` or ``onnx``, as for :func:`imgtune.deploy.predict.load_predictor`.
+        device: where the model runs (and Grad-CAM): ``cpu``, ``cuda`` or ``mps``.
+        max_concurrent: uploads decoded and classified at once (503 with ``Retry-After`` above);
+            ``None``: twice the usable CPU cores.
+        host: the address the server listens on. A loopback one (``127.0.0.1``, ``::1``,
+            ``localhost``) makes the app refuse requests for any other host name (421); ``None``
+            (serving it yourself, behind a proxy that sets its own ``Host``) or ``0.0.0.0`` checks nothing.
 
     Returns:
         A ``fastapi.FastAPI`` app; serve it with uvicorn.
@@ -105,8 +160,12 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         raise ImgtuneError("the web demo needs fastapi, uvicorn and python-multipart: "
                            "pip install 'imgtune[serve]'") from None
 
-    demo = Demo(run_dir, backend=backend)
+    demo = Demo(run_dir, backend=backend, device=device)
     n_classes = len(demo.classes)
+    max_concurrent = max_concurrent or 2 * usable_cores()
+    # As many threads as slots: an admitted upload starts at once, so its timeout measures its own work.
+    workers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="imgtune-serve")
+    slots = threading.BoundedSemaphore(max_concurrent)
 
     class Problem(BaseModel):
         detail: str
@@ -123,11 +182,15 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
 
     problems = {status: {"model": Problem, "description": text} for status, text in [
         (400, "empty, truncated or undecodable image"), (413, "body or image too large"),
-        (415, "not an allowed image format"), (422, "missing field or bad query"), (504, "inference timed out")]}
+        (415, "not an allowed image format"), (421, "a host name other than loopback's (server on loopback)"),
+        (422, "missing field or bad query"), (503, "busy: max_concurrent uploads in work; see Retry-After"),
+        (504, "decoding and inference timed out")]}
 
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the demo works offline.
     app = FastAPI(title=f"imgtune demo: {demo.info()['name']}", version=_version(), docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    if host is not None and is_loopback(host):
+        app.add_middleware(LoopbackHostOnly)  # added last, so it runs first: before any body is read
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError):
@@ -136,7 +199,7 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, error: RequestError):
-        return JSONResponse({"detail": error.detail}, status_code=error.status)
+        return JSONResponse({"detail": error.detail}, status_code=error.status, headers=error.headers)
 
     html = render_page(demo.info())
 
@@ -160,14 +223,21 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
     async def predict(file: UploadFile = File(..., description="the image"),
                       top_k: int = Query(3, ge=1, le=n_classes, description="how many classes to return"),
                       cam: bool = Query(True, description="include the Grad-CAM overlay as a PNG data URI")):
-        data = await file.read()
-        image = decode_upload(data, max_pixels=max_pixels)
-        work = partial(demo.predict, image, top_k=top_k, cam=cam)
+        if not slots.acquire(blocking=False):
+            raise RequestError(503, f"the server is busy ({max_concurrent} images in work); try again in "
+                                    f"{RETRY_AFTER} s", headers={"Retry-After": str(RETRY_AFTER)})
         try:
-            # On timeout the worker thread is abandoned, not stopped: it finishes in the background.
-            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, work), timeout)
+            job = workers.submit(demo.classify_upload, file.file, max_pixels=max_pixels, top_k=top_k, cam=cam)
+        except BaseException:
+            slots.release()
+            raise
+        # Released when the work really ends, in the worker, not when the request times out: an
+        # abandoned decode still holds its memory, and the cap is on that.
+        job.add_done_callback(lambda _: slots.release())
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(job), timeout)
         except asyncio.TimeoutError:
-            raise RequestError(504, f"inference took longer than the limit of {timeout:g} s") from None
+            raise RequestError(504, f"decoding and classifying took longer than the limit of {timeout:g} s") from None
         except RequestError:
             raise
         except Exception as error:  # never a 5xx with a traceback: the image is what made it fail

@@ -149,6 +149,88 @@ def test_float_mode_f(tmp_path, values, expected):
     np.testing.assert_array_equal(pixels(load_image(path))[0, :, 1], expected)
 
 
+def float64_reference(values: np.ndarray, mode: str) -> np.ndarray:
+    """The conversion as it was done before strips and float32: the whole array at once in float64."""
+    values = values.astype(np.float64)
+    top = float(values.max(initial=0.0))
+    if mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif mode == "F":
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        scale = 1.0 if top <= 255 else 255.0 / 65535.0 if top <= 65535 else 255.0 / top
+    return np.clip(np.rint(values * scale), 0, 255).astype(int)
+
+
+def high_bit_depth_cases() -> list[tuple[str, np.ndarray]]:
+    rng = np.random.default_rng(4)
+    every_16_bit_value = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    # Values whose scaled product lies next to a .5 boundary, where float32 may round differently.
+    halves = (np.arange(255, dtype=np.float64) + 0.5) / 255
+    near_halves = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 1)])
+    floats_01 = np.concatenate([near_halves, [0.0, 1.0], rng.random(65536 - 767)]).astype(np.float32)
+    floats_255 = np.concatenate([rng.uniform(-20, 300, 256 * 255), [255.0] * 256]).astype(np.float32)
+    return [
+        ("png I;16", every_16_bit_value),
+        ("tif F 0..1", floats_01[: 256 * 256].reshape(256, 256)),
+        ("tif F 0..255", floats_255.reshape(256, 256)),
+        ("tif I 16-bit", rng.integers(0, 65536, (256, 256)).astype(np.int32)),
+        ("tif I wide", rng.integers(-5, 1 << 30, (256, 256)).astype(np.int32)),
+    ]
+
+
+@pytest.mark.parametrize("case, values", high_bit_depth_cases(), ids=[c for c, _ in high_bit_depth_cases()])
+def test_high_bit_depth_matches_a_float64_conversion_within_one_grey_level(tmp_path, monkeypatch, case, values):
+    """Converted a strip of rows at a time in float32: within one grey level of the float64 result,
+    with the scale taken from the whole image (the largest value sits in the last strip only)."""
+    from imgtune.data import images
+
+    monkeypatch.setattr(images, "STRIP_PIXELS", 256 * 7, raising=False)  # 7 rows a strip, the last shorter
+    values = values.copy()
+    if values.dtype != np.uint16:
+        # Every strip but the last (rows 252..255) in the 0..1 or 0..255 range: scaled strip by strip,
+        # they would come out 255 times too bright, or not dimmed at all.
+        small = 1.0 if values.dtype.kind == "f" else 255.0
+        values[:-4] = (values[:-4] * (small / float(values.max()))).astype(values.dtype)
+    path = saved(tmp_path, Image.fromarray(values), "deep.png" if case.startswith("png") else "deep.tif")
+    with Image.open(path) as check:
+        mode = check.mode
+        assert mode == case.split()[1]
+    loaded = pixels(load_image(path))
+    difference = np.abs(loaded[..., 0] - float64_reference(values, mode))
+    assert difference.max() <= (0 if mode == "I;16" else 1)  # 16-bit levels go through a float64 table
+    assert (difference > 0).mean() < 0.01  # the rare products next to .5, not a shifted scale
+    np.testing.assert_array_equal(loaded[..., 0], loaded[..., 2])
+
+
+def test_nan_pixels_become_black_and_do_not_change_the_scale(tmp_path):
+    values = np.array([[0.5, np.nan, 1.0]], np.float32)
+    loaded = pixels(load_image(saved(tmp_path, Image.fromarray(values), "nan.tif")))
+    np.testing.assert_array_equal(loaded[0, :, 0], [128, 0, 255])
+
+
+def test_high_bit_depth_conversion_needs_little_more_than_its_output(monkeypatch):
+    """A 3-megapixel 16-bit picture: the numpy memory of the conversion stays under twice the 8-bit
+    result (one uint8 plane and one strip), where the whole-array float64 conversion took ~24 bytes a pixel.
+    tracemalloc sees numpy's buffers (and not Pillow's, which are the decoded and the RGB pictures)."""
+    import tracemalloc
+
+    from imgtune.data import images
+
+    monkeypatch.setattr(images, "STRIP_PIXELS", 1 << 16, raising=False)  # raising: the old code had none
+    width, height = 2048, 1536
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 65536, (height, width)).astype(np.uint16))
+    assert picture.mode == "I;16"
+    tracemalloc.start()
+    try:
+        converted = images.to_rgb(picture)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert converted.mode == "RGB" and converted.size == (width, height)
+    assert peak < 2 * width * height, f"{peak / 1e6:.1f} MB for a {width * height / 1e6:.1f} MB 8-bit plane"
+
+
 @pytest.mark.parametrize("name", ["one.png", "one.bmp"])
 def test_one_bit_mode(tmp_path, name):
     image = Image.new("1", (2, 1), 0)

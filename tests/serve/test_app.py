@@ -39,7 +39,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(run_dir):
-    with TestClient(create_app(run_dir, backend="torch"), raise_server_exceptions=False) as client:
+    # Room for test_concurrent_requests_agree's 8 clients: the default cap is twice the cores (often 4).
+    with TestClient(create_app(run_dir, backend="torch", max_concurrent=16), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -160,6 +161,146 @@ def test_concurrent_requests_agree(client):
     assert all(r.status_code == 200 for r in responses)
     answers = [(r.json()["labels"], r.json()["cam"]) for r in responses]
     assert all(answer == answers[0] for answer in answers)
+
+
+# --- work off the event loop, under the timeout, with a cap on how much at once --------------------
+
+def fake_answer() -> dict:
+    return {"labels": [{"label": CLASSES[0], "probability": 1.0}], "top": CLASSES[0], "seconds": 0.0, "cam": None}
+
+
+def test_a_full_server_answers_503_with_retry_after_at_once(run_dir, monkeypatch):
+    """Two slots held by slow predictions: a third upload is refused at once (no queue), health still
+    answers, and the slots come back when the work ends."""
+    import threading
+    import time
+
+    from imgtune.serve.app import Demo
+
+    entered, release = threading.Semaphore(0), threading.Event()
+
+    def slow_predict(self, image, *, top_k, cam):
+        entered.release()
+        release.wait(20)
+        return fake_answer()
+
+    image = encoded(noisy_image(COLOURS["red"], 40))
+    with TestClient(create_app(run_dir, backend="torch", max_concurrent=2)) as client, ThreadPoolExecutor(2) as pool:
+        monkeypatch.setattr(Demo, "predict", slow_predict)
+        held = [pool.submit(post, client, image) for _ in range(2)]
+        try:
+            assert entered.acquire(timeout=20) and entered.acquire(timeout=20), "the two uploads never ran"
+            started = time.monotonic()
+            busy = post(client, image)
+            waited = time.monotonic() - started
+            health = client.get("/api/health")
+        finally:
+            release.set()
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert "busy" in busy.json()["detail"]
+        assert waited < 10, "the third upload waited for a slot instead of being refused"  # held ones wait 20 s
+        assert health.status_code == 200
+        assert [f.result(timeout=30).status_code for f in held] == [200, 200]
+        assert post(client, image).status_code == 200  # both slots given back
+
+
+def test_decoding_runs_in_a_worker_under_the_timeout(run_dir, monkeypatch):
+    """A decode slower than the timeout: 504 at the timeout, /api/health answers while it runs, and the
+    abandoned decode keeps its slot (503) until it really ends."""
+    import threading
+    import time
+
+    import imgtune.serve.app as app_module
+
+    decoding, finish, finished = threading.Event(), threading.Event(), threading.Event()
+    real_decode = app_module.decode_upload
+
+    def slow_decode(data, **options):
+        decoding.set()
+        finish.wait(5)
+        finished.set()
+        return real_decode(data, **options)
+
+    image = encoded(noisy_image(COLOURS["red"], 40))
+    with TestClient(create_app(run_dir, backend="torch", timeout=0.5, max_concurrent=1)) as client, \
+            ThreadPoolExecutor(1) as pool:
+        monkeypatch.setattr(app_module, "decode_upload", slow_decode)
+        slow = pool.submit(post, client, image)
+        try:
+            assert decoding.wait(20), "the upload was never decoded"
+            health = client.get("/api/health")
+            answered_during_decode = not finished.is_set()
+            timed_out = slow.result(timeout=4)  # well before the decode's 5 s
+            still_busy = post(client, image) if not finished.is_set() else None
+        finally:
+            finish.set()
+        assert health.status_code == 200 and answered_during_decode, "health waited for the decode"
+        assert timed_out.status_code == 504 and "longer than the limit of 0.5 s" in timed_out.json()["detail"]
+        assert still_busy is not None and still_busy.status_code == 503
+        assert finished.wait(10)
+        monkeypatch.setattr(app_module, "decode_upload", real_decode)
+        for _ in range(200):  # the slot is given back when the abandoned work (decode, then predict) ends
+            response = post(client, image)
+            if response.status_code != 503:
+                break
+            time.sleep(0.05)
+        assert response.status_code == 200
+
+
+# --- the Host check on loopback (DNS rebinding) ---------------------------------------------------
+
+@pytest.mark.parametrize("bound", ["127.0.0.1", "localhost", "::1"])
+def test_on_loopback_a_request_for_another_host_name_is_refused(run_dir, bound):
+    image = encoded(noisy_image(COLOURS["red"], 40))
+    with TestClient(create_app(run_dir, backend="torch", host=bound), base_url="http://127.0.0.1:8000") as client:
+        for good in ("127.0.0.1:8000", "localhost:8000", "LocalHost:8000", "[::1]:8000", "127.1.2.3:8000"):
+            assert client.get("/api/model", headers={"host": good}).status_code == 200, good
+        for forged in ("evil.example:8000", "evil.example", "127.0.0.1:8001", "127.0.0.1", "localhost.evil.example:8000",
+                       "127.0.0.1.nip.io:8000", "[::2]:8000", ""):
+            for response in (client.get("/api/model", headers={"host": forged}), client.get("/", headers={"host": forged}),
+                             client.post("/api/predict", headers={"host": forged},
+                                         files={"file": ("a.png", image, "image/png")})):
+                assert response.status_code == 421, (forged, response.status_code)
+                assert "loopback" in response.json()["detail"]
+        assert post(client, image).status_code == 200  # the default Host, 127.0.0.1:8000
+
+
+@pytest.mark.parametrize("bound", [None, "0.0.0.0", "::", "192.0.2.7"])
+def test_bound_to_all_or_a_real_address_any_host_name_is_answered(run_dir, bound):
+    with TestClient(create_app(run_dir, backend="torch", host=bound), base_url="http://127.0.0.1:8000") as client:
+        for name in ("evil.example:8000", "photos.example.org", "127.0.0.1:8000"):
+            assert client.get("/api/model", headers={"host": name}).status_code == 200, name
+
+
+def test_the_host_check_in_uvicorn_uses_the_port_it_listens_on(run_dir):
+    import httpx
+
+    for url in serve_in_thread(create_app(run_dir, backend="torch", host="127.0.0.1")):
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        with httpx.Client(base_url=url, timeout=20) as http:
+            assert http.get("api/health").status_code == 200
+            assert http.get("api/health", headers={"host": f"localhost:{port}"}).status_code == 200
+            assert http.get("api/health", headers={"host": f"rebound.example:{port}"}).status_code == 421
+            assert http.get("api/health", headers={"host": "127.0.0.1:1"}).status_code == 421
+
+
+def test_the_serve_command_checks_the_host_and_caps_concurrency(run_dir, monkeypatch):
+    import uvicorn
+    from click.testing import CliRunner
+
+    from imgtune.cli import cli
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.update(app=app, **options))
+    result = CliRunner().invoke(cli, ["serve", str(run_dir), "--port", "8123", "--max-concurrent", "3",
+                                       "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123
+    with TestClient(served["app"], base_url="http://127.0.0.1:8123") as client:
+        assert client.get("/api/health").status_code == 200
+        assert client.get("/api/health", headers={"host": "rebound.example:8123"}).status_code == 421
+        schema = client.get("/openapi.json").json()
+        assert {"421", "503"} <= set(schema["paths"]["/api/predict"]["post"]["responses"])
 
 
 def test_fuzzing_the_api_finds_no_server_error(run_dir):
