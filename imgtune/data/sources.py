@@ -16,6 +16,8 @@ PETS_LABEL_RE = r"^(.+)_\d+\.(jpe?g|png)$"
 #: Folder names (any case) and CSV ``split`` values that mean the training or the validation set.
 TRAIN_NAMES = ("train", "training")
 VALID_NAMES = ("valid", "val", "validation")
+#: The reason recorded (as a :class:`Skipped` entry of the folder) for a class folder without images.
+EMPTY_CLASS_FOLDER = "class folder has no images: ignored"
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,12 @@ def items_from_folder(root: str | Path) -> ItemList:
             f"{root}: has {train_dir.name}/ but no valid/ (or val/, test/) folder; add one, or move the class "
             f"folders of {train_dir.name}/ up into {root} for a random split"
         )
+    empty: list[Skipped] = []
     if train_dir and valid_dir:
-        items = _class_folders(train_dir, "train") + _class_folders(valid_dir, "valid")
+        items = _class_folders(train_dir, "train", empty) + _class_folders(valid_dir, "valid", empty)
         description = f"{root} (class folders in {train_dir.name}/ and {valid_dir.name}/)"
     else:
-        items = _class_folders(root, None)
+        items = _class_folders(root, None, empty)
         description = f"{root} (one folder per class)"
     if not items:
         loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
@@ -82,15 +85,18 @@ def items_from_folder(root: str | Path) -> ItemList:
             else " put the images of each class in a subfolder named after the class"
         )
         raise ImgtuneError(f"{root}: no images found in class subfolders;{hint}")
-    return ItemList(items=items, description=description)
+    return ItemList(items=items, skipped=empty, description=description)
 
 
-def _class_folders(root: Path, split: str | None) -> list[Item]:
+def _class_folders(root: Path, split: str | None, empty: list[Skipped]) -> list[Item]:
+    """The images of each class folder under ``root``; a folder without any is added to ``empty``."""
     items = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and is_image_file(path):
-                items.append(Item(path, class_dir.name, split))
+        found = [Item(path, class_dir.name, split) for path in sorted(class_dir.rglob("*"))
+                 if path.is_file() and is_image_file(path)]
+        if not found:
+            empty.append(Skipped(class_dir, EMPTY_CLASS_FOLDER))
+        items += found
     return items
 
 

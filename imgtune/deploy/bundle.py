@@ -2,8 +2,12 @@
 
 ``model.safetensors`` holds the weights (loading runs no code); ``model.json`` holds everything needed
 to rebuild and use the model: the timm architecture, the classes in output order, image size, resize
-method, mean/std, the training config, final metrics and library versions. Loading needs timm and
-the JSON, not the code version that wrote it.
+method, mean/std, the training config, final metrics, library versions and the SHA-256 of the weights
+it belongs to. Loading needs timm and the JSON, not the code version that wrote it.
+
+Both files are written atomically, the weights first: a crash leaves the old pair, the new weights
+beside the old ``model.json`` (which loading refuses: the hash differs), or the new pair. Bundles
+written before the hash was recorded (imgtune 0.1.0) load without the check.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import timm
 import torch
 
 from imgtune.errors import ImgtuneError
+from imgtune.files import atomic_write
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE, META_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.onnx"
@@ -48,7 +53,7 @@ def save_bundle(run_dir: str | Path, *, model: torch.nn.Module, classes: Sequenc
     Returns:
         ``run_dir`` as a Path.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     cfg = dict(config)
     missing = [k for k in ("timm_name", "size", "mean", "std") if k not in cfg]
@@ -58,7 +63,8 @@ def save_bundle(run_dir: str | Path, *, model: torch.nn.Module, classes: Sequenc
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = save(state, metadata={"format": "pt"})
+    atomic_write(run_dir / WEIGHTS_FILE, weights, fsync=True)
     meta = dict(
         format=BUNDLE_FORMAT,
         arch=cfg.get("arch"),
@@ -72,8 +78,9 @@ def save_bundle(run_dir: str | Path, *, model: torch.nn.Module, classes: Sequenc
         training=cfg,
         metrics=metrics or {},
         versions=versions(),
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
     )
-    (run_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(run_dir / META_FILE, json.dumps(meta, indent=2) + "\n", fsync=True)  # last: it vouches for the weights
     return run_dir
 
 
@@ -88,23 +95,65 @@ def read_meta(run_dir: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as error:
         raise ImgtuneError(f"{meta_path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise ImgtuneError(f"{meta_path}: not a bundle's model.json (a JSON object)")
     if meta.get("format", 0) > BUNDLE_FORMAT:
         raise ImgtuneError(f"{meta_path}: bundle format {meta['format']} is newer than this imgtune; upgrade imgtune")
+    if meta.get("timm_name") is not None:
+        check_timm_name(meta["timm_name"], meta_path)
     return meta
 
 
-def load_model(run_dir: Path, meta: dict) -> torch.nn.Module:
-    """The bundle's network, rebuilt from ``meta`` (its ``model.json``) with the saved weights, in eval mode."""
-    from safetensors.torch import load_file
+def check_timm_name(name, source) -> None:
+    """Refuse a ``timm_name`` that is not a plain architecture name: timm reads ``hf-hub:org/model`` or
+    ``local-dir:/path`` as a place to fetch or read a config from, which a bundle must not make it do.
 
+    Raises:
+        ImgtuneError: naming ``source`` (the ``model.json``).
+    """
+    if not isinstance(name, str) or not name or any(c in name for c in ":/\\"):
+        raise ImgtuneError(f"{source}: timm_name {name!r} is not a plain timm architecture name (no ':' or '/');"
+                           " the bundle cannot be loaded")
+
+
+def load_model(run_dir: Path, meta: dict) -> torch.nn.Module:
+    """The bundle's network, rebuilt from ``meta`` (its ``model.json``) with the saved weights, in eval mode.
+
+    Raises:
+        ImgtuneError: the weights are not those ``model.json`` was written for (see :func:`check_weights`),
+            or do not fit the architecture.
+    """
+    from safetensors.torch import load
+
+    run_dir = Path(run_dir)
+    check_timm_name(meta.get("timm_name"), run_dir / META_FILE)
+    data = (run_dir / WEIGHTS_FILE).read_bytes()
+    check_weights(run_dir, meta, hashlib.sha256(data).hexdigest())
     try:
         model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=meta["num_classes"])
-        model.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+        model.load_state_dict(load(data))
     except Exception as error:
         raise ImgtuneError(f"{run_dir}: cannot load the bundle ({type(error).__name__}: {str(error)[:150]})") from None
     return model.eval()
 
 
+def check_weights(run_dir: Path, meta: dict, sha256: str | None = None) -> None:
+    """Refuse weights that ``model.json`` was not written for: its ``weights_sha256`` must be the
+    weights file's (``sha256``, computed when not given). A bundle without the field (imgtune 0.1.0)
+    passes.
+
+    Raises:
+        ImgtuneError: naming both files.
+    """
+    recorded = meta.get("weights_sha256")
+    if recorded is None:
+        return
+    if recorded != (sha256 or weights_sha256(Path(run_dir))):
+        raise ImgtuneError(f"{run_dir}: {WEIGHTS_FILE} is not the one {META_FILE} was written for (its SHA-256 "
+                           "differs): the two files come from different runs or one was cut short; copy both "
+                           "from the same run, or train again")
+
+
 def weights_sha256(run_dir: Path) -> str:
     """The SHA-256 of the bundle's weights file: what an exported model records to prove its origin."""
-    return hashlib.sha256((run_dir / WEIGHTS_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256((Path(run_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()

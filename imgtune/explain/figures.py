@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from imgtune.files import atomic_write
+
 
 def figure_png(fig: Figure, path: str | Path | None = None) -> bytes:
     """The figure as PNG bytes, also written to ``path`` when given.
@@ -34,7 +36,7 @@ def figure_png(fig: Figure, path: str | Path | None = None) -> bytes:
         pyplot.close(fig)
     data = buffer.getvalue()
     if path is not None:
-        Path(path).write_bytes(data)
+        atomic_write(path, data)
     return data
 
 
@@ -83,8 +85,9 @@ def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str]) -> Figure:
     fig = Figure(figsize=(side, side), dpi=100)
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
+    # parse_math=False: a class name is text, and "$" in one would otherwise start matplotlib's math mode
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font, parse_math=False)
+    ax.set_yticks(range(n), classes, fontsize=font, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     top = matrix.max() if matrix.size else 0
@@ -120,7 +123,7 @@ def plot_top_losses(interp, k: int = 9, *, columns: int = 3) -> Figure:
         left, right = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
         left.imshow(interp.model_view(x))
         right.imshow(interp.overlay(x, heatmap))
-        left.set_title(f"{item.actual} / {item.predicted}", fontsize=8)
+        left.set_title(f"{item.actual} / {item.predicted}", fontsize=8, parse_math=False)
         right.set_title(f"loss {item.loss:.2f}, p {item.probability:.2f}", fontsize=8)
     fig.suptitle("top losses: actual / predicted (left), Grad-CAM for the prediction (right)", fontsize=9)
     fig.tight_layout()
@@ -154,7 +157,7 @@ def plot_samples(dataset, classes: Sequence[str], mean, std, *, n: int = 12, see
     for ax, index in zip(axes.flat, picks):
         tensor, label = dataset[index]
         ax.imshow(denormalise(tensor, mean, std))
-        ax.set_title(classes[label], fontsize=8)
+        ax.set_title(classes[label], fontsize=8, parse_math=False)
     fig.tight_layout()
     return fig
 
@@ -168,8 +171,13 @@ def denormalise(tensor, mean, std) -> np.ndarray:
         std: the per-channel standard deviation.
 
     Returns:
-        The picture, clipped to [0, 255].
+        The picture, clipped to [0, 255]. A uint8 tensor (what the loaders give for a GPU, to be
+        normalised there) is the picture already.
     """
+    import torch
+
+    if tensor.dtype == torch.uint8:
+        return tensor.detach().cpu().numpy().transpose(1, 2, 0)
     array = tensor.detach().float().cpu().numpy().transpose(1, 2, 0)
     array = array * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)
     return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)

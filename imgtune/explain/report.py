@@ -15,6 +15,7 @@ import jinja2
 import numpy as np
 
 from imgtune.explain.figures import figure_png, plot_confusion_matrix, plot_samples, plot_top_losses, plot_training
+from imgtune.files import atomic_write
 
 REPORT_FILE = "report.html"
 TEMPLATE = "report.html"
@@ -69,7 +70,7 @@ def write_report(run_dir: str | Path, *, interp, metrics: dict, meta: dict, trai
     page = render_report(title=f"imgtune run {run_dir.name}", interp=interp, metrics=metrics, meta=meta,
                          figures=figures, k=k)
     path = run_dir / REPORT_FILE
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, page)  # UTF-8
     return path
 
 

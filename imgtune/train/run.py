@@ -1,10 +1,17 @@
-"""A training run: find the data, fine-tune, and write the run folder (bundle, metrics, summary, lr curve)."""
+"""A training run: find the data, fine-tune, and write the run folder (bundle, metrics, summary, lr curve).
+
+The folder is the run's own (see :mod:`imgtune.train.run_folder`), every file in it is written
+atomically, and a checkpoint after every epoch lets a killed run go on (``resume``, see
+:mod:`imgtune.train.checkpoint`).
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,12 +20,22 @@ from pathlib import Path
 
 from imgtune.data.loaders import ImageData, load_data
 from imgtune.data.presize import ImageView
-from imgtune.deploy.bundle import versions
+from imgtune.data.sources import EMPTY_CLASS_FOLDER
+from imgtune.deploy.bundle import META_FILE, WEIGHTS_FILE, versions
 from imgtune.errors import ImgtuneError
+from imgtune.files import atomic_write
 from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
 from imgtune.train import distributed
+from imgtune.train.checkpoint import (
+    CHECKPOINT_FILE,
+    ResumeCheckpoint,
+    check_resume,
+    data_fingerprint,
+    load_checkpoint,
+)
 from imgtune.train.learner import Learner
 from imgtune.train.lr_find import LRFinderResult
+from imgtune.train.run_folder import RunFolder, check_out
 
 
 @dataclass
@@ -37,18 +54,6 @@ def default_run_dir(source, *, root: str | Path = "runs") -> Path:
     return Path(root) / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def prepare_out(out: str | Path, *, overwrite: bool = False, create: bool = True) -> Path:
-    """Make sure writing to ``out`` destroys nothing: it must be new or empty unless ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ImgtuneError(f"{out}: exists and is not a folder; choose another `out`")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ImgtuneError(f"{out}: folder exists and is not empty; choose another `out` or pass `overwrite=True`")
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def train(
     data: ImageData | str | Path | None = None,
     *,
@@ -59,7 +64,7 @@ def train(
     weights: str | None = IMAGENET,
     size: int | None = None,
     resize: str = "crop",
-    bs: int = 32,
+    bs: int | None = None,
     augment: bool = True,
     num_workers: int | None = None,
     seed: int = 42,
@@ -74,6 +79,10 @@ def train(
     cache_dir: str | Path | None = None,
     accumulate: int = 1,
     sync_bn: bool = False,
+    precision: str = "auto",
+    compile_model: bool = False,
+    resume: str | Path | None = None,
+    checkpoint_every: float = 10.0,
     **data_options,
 ) -> RunResult:
     """Fine-tune ``arch`` on ``data`` with the lesson's recipe and write a run folder.
@@ -83,22 +92,31 @@ def train(
             ``data_options`` such as ``label_re``, ``csv_path``, ``valid_pct``, ``stratify``).
         epochs, freeze_epochs, lr: see :meth:`Learner.fine_tune` (``None``: automatic epochs, and
             the lr finder for the rate).
-        out: the run folder (default ``runs/<data>-<timestamp>``); must be new or empty unless
-            ``overwrite``.
-        report: write ``report.html`` (interpretation, figures) into the run folder.
+        out: the run folder, which must be new or empty unless ``overwrite`` (which removes the files
+            an earlier run listed in its ``run.json``, and no other). By default
+            ``runs/<data>-<timestamp>``, with ``-2``, ``-3``, ... when that folder exists.
+        report: write ``report.html`` (interpretation, figures) into the run folder; a report that
+            fails is a warning (``metrics["report_error"]``), not a failed run.
         command: the command line, recorded in ``metrics.json``.
         feature_cache, cache, cache_dir: see :meth:`Learner.from_data`; with ``cache`` the images are
             checked through the presize cache, so a second run decodes nothing.
-        accumulate, sync_bn: see :class:`Learner`. Under torchrun every process calls this: it joins
+        accumulate, sync_bn, precision, compile_model: see :class:`Learner`. Under torchrun every process calls this: it joins
             the process group (:func:`imgtune.train.distributed.setup`), ``bs`` is per process, and only
             rank 0 writes the run folder.
+        resume: the folder of a run that stopped (killed, crashed): it goes on after the last epoch
+            its ``checkpoint.pt`` saved (one is written after every epoch). ``data`` and the training
+            options must be those the run started with (checked); on a CPU (``num_workers=0``) the
+            result is bit for bit that of a run that never stopped (see :mod:`imgtune.train.checkpoint`).
+        checkpoint_every: seconds between checkpoints at the least (the last epoch of each phase is always
+            saved; 0: every epoch), so epochs of milliseconds on cached features are not each written.
         Other arguments: see :meth:`Learner.from_data`.
 
     Returns:
         A :class:`RunResult`. The folder holds ``model.safetensors``, ``model.json``,
-        ``metrics.json``, ``summary.txt``, ``split.csv`` (the exact split) and, with ``report``,
-        ``report.html`` and its figures (``lr_find.png`` when the lr finder ran, ``training.png``,
-        ``confusion_matrix.png``, ``top_losses.png``, ``samples.png``).
+        ``metrics.json``, ``summary.txt``, ``split.csv`` (the exact split), ``run.json`` (the files
+        imgtune wrote) and, with ``report``, ``report.html`` and its figures (``lr_find.png`` when the
+        lr finder ran, ``training.png``, ``confusion_matrix.png``, ``top_losses.png``, ``samples.png``).
+        Every file is written atomically; the checkpoint is removed once they are all there.
     """
     if (epochs is not None and epochs < 0) or (freeze_epochs is not None and freeze_epochs < 0) or (
         epochs == 0 and freeze_epochs == 0
@@ -107,40 +125,112 @@ def train(
     started = time.perf_counter()
     device = distributed.setup(device)  # under torchrun: join the other processes (once)
     main = distributed.is_main()
-    source = data
-    run_dir = out or default_run_dir(source if not isinstance(data, ImageData) else "data")
-    if main:
-        prepare_out(run_dir, overwrite=overwrite, create=False)  # fail before the slow part
+    options = run_options(data, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, weights=weights,
+                          size=size, resize=resize, bs=bs, augment=augment, seed=seed, feature_cache=feature_cache,
+                          accumulate=accumulate, sync_bn=sync_bn, **data_options)
+    state = _resume_state(resume, out, options)
+    run_dir = Path(resume if resume is not None else out or default_run_dir(data if not isinstance(data, ImageData)
+                                                                            else "data"))
+    if main and state is None and out is not None:
+        check_out(run_dir, overwrite=overwrite)  # fail before the slow part
     if not isinstance(data, ImageData):
         view = ImageView(size or get_backbone(arch).size, resize, cache_dir=cache_dir if cache else False)
         data = load_data(data, seed=seed, view=view if cache else None, **data_options)
-    run_dir = prepare_out(run_dir, overwrite=overwrite) if main else Path(run_dir)
+    fingerprint = data_fingerprint(data)
+    if state is not None:
+        check_resume(state, options=options, data=fingerprint, where=run_dir)
+    folder = None
+    if main:
+        folder = RunFolder.reopen(run_dir) if state else RunFolder.create(run_dir, unique=out is None,
+                                                                          overwrite=overwrite)
+        if progress:
+            for line in data_warnings(data):
+                print(line, file=sys.stderr, flush=True)
+    run_dir = Path(_from_rank_zero(str(folder.path) if folder else str(run_dir)))
     data_seconds = time.perf_counter() - started
     learner = Learner.from_data(data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
                                 num_workers=num_workers, seed=seed, device=device, progress=progress,
                                 feature_cache=feature_cache, cache=cache, cache_dir=cache_dir, accumulate=accumulate,
-                                sync_bn=sync_bn)
-    finder = None
-    if lr is None:
-        finder = learner.lr_find()
-        lr = finder.suggested
-    learner.fine_tune(epochs, lr, freeze_epochs=freeze_epochs)
+                                sync_bn=sync_bn, precision=precision, compile_model=compile_model)
+    finder, lr = _learning_rate(learner, lr, state)
+    resumed = list((state or {}).get("run", {}).get("resumed", [])) + ([_position(state)] if state else [])
+    if folder is not None:
+        folder.record(CHECKPOINT_FILE)
+    learner.callbacks.append(ResumeCheckpoint(run_dir / CHECKPOINT_FILE, learner.model, run=dict(
+        options=options, data=fingerprint, command=(state or {}).get("run", {}).get("command") or command,
+        resumed=resumed,
+        lr_finder=dict(lrs=finder.lrs, losses=finder.losses, suggestion=finder.suggestion) if finder else None),
+        every=checkpoint_every))
+    learner.fine_tune(epochs, lr, freeze_epochs=freeze_epochs, resume=state)
     seconds = dict(data=data_seconds, **learner.timings)
     seconds["total"] = time.perf_counter() - started
-    metrics = run_metrics(learner, data, finder, seconds, command)
-    if main:
-        learner.save(run_dir, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
-        write_json(run_dir / "metrics.json", metrics)
-        write_split(data, run_dir / SPLIT_FILE)
+    metrics = dict(run_metrics(learner, data, finder, seconds, command), resumed=resumed)
+    if folder is not None:
+        write_run_files(folder, learner, data, metrics)
     if report:
-        started_report = time.perf_counter()
-        _report(learner, run_dir, metrics, finder)
-        metrics["seconds"]["report"] = time.perf_counter() - started_report
-        if main:
-            write_json(run_dir / "metrics.json", metrics)
-    if main:
-        (run_dir / "summary.txt").write_text(summary_text(metrics, learner.config, run_dir) + "\n")
+        _report_or_warn(learner, folder, metrics, finder)
+    if folder is not None:
+        folder.write("summary.txt", summary_text(metrics, learner.config, run_dir) + "\n")
+        folder.forget(CHECKPOINT_FILE)  # the run is complete: nothing to resume
     return RunResult(run_dir, learner, metrics)
+
+
+def run_options(data, **options) -> dict:
+    """The options that decide what a run trains, as plain data: a checkpoint records them and a
+    resume must repeat them (not those that change only speed or output: device, workers, cache,
+    report). A folder or file is named by its absolute path."""
+    source = "an ImageData" if isinstance(data, ImageData) else data
+    values = dict(source=source, **options, world_size=distributed.world_size())
+    return {key: _plain_option(value, path=key in _PATH_OPTIONS) for key, value in values.items()}
+
+
+#: Options that may name a file or folder (recorded by absolute path, so a resume may start elsewhere).
+_PATH_OPTIONS = ("source", "weights", "csv_path", "data_dir")
+
+
+def _plain_option(value, *, path: bool = False):
+    if isinstance(value, (list, tuple)):
+        return [_plain_option(v) for v in value]
+    if isinstance(value, Path) or (path and isinstance(value, str)):
+        return str(Path(value).resolve()) if path and Path(value).exists() else str(value)
+    return value
+
+
+def _resume_state(resume, out, options: dict) -> dict | None:
+    """The checkpoint to resume from (``None`` for a new run), its options checked against ``options``."""
+    if resume is None:
+        return None
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise ImgtuneError(f"`resume={resume}` continues the run in that folder; leave out `out` ({out})")
+    state = load_checkpoint(resume)
+    check_resume(state, options=options, where=resume)  # the data is checked once it is loaded
+    return state
+
+
+def _position(state: dict) -> dict:
+    """Where a checkpoint stood: phase and epoch (within the phase)."""
+    return {key: state["position"][key] for key in ("phase", "epoch", "epochs")}
+
+
+def _learning_rate(learner: Learner, lr, state: dict | None) -> tuple[LRFinderResult | None, object]:
+    """The lr finder's result (``None`` when ``lr`` is given) and the rate to fine-tune with; on resume
+    the finder's result the checkpoint recorded (the finder leaves no trace on the training)."""
+    if lr is not None:
+        return None, lr
+    recorded = (state or {}).get("run", {}).get("lr_finder")
+    finder = LRFinderResult(**recorded) if recorded else learner.lr_find()
+    return finder, finder.suggested
+
+
+def _from_rank_zero(value: str) -> str:
+    """``value`` as rank 0 has it, on every process (the run folder's name, suffix included)."""
+    if not distributed.is_initialized():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def run_metrics(learner: Learner, data: ImageData, finder: LRFinderResult | None, seconds: dict, command: str) -> dict:
@@ -164,11 +254,62 @@ def run_metrics(learner: Learner, data: ImageData, finder: LRFinderResult | None
     )
 
 
+METRICS_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.json", "summary.txt", "split.csv"
+#: Skipped files listed by name on the terminal and in ``summary.txt`` (all of them are in ``metrics.json``).
+SKIPPED_SHOWN = 20
+
+
+def write_run_files(folder: RunFolder, learner: Learner, data: ImageData, metrics: dict) -> None:
+    """The run's split and metrics, then its bundle: ``model.safetensors`` and, last, ``model.json``
+    with the weights' SHA-256, so a crash at any point leaves no metadata beside other weights."""
+    folder.write(SPLIT_FILE, split_csv(data))
+    folder.write(METRICS_FILE, metrics_json(metrics))
+    folder.record(WEIGHTS_FILE, META_FILE)
+    learner.save(folder.path, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
+
+
+def metrics_json(metrics: dict) -> str:
+    """``metrics.json``'s text."""
+    return json.dumps(metrics, indent=2, default=float) + "\n"
+
+
 def write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=2, default=float) + "\n")
+    """Write ``value`` as indented JSON to ``path``, atomically."""
+    atomic_write(path, metrics_json(value))
 
 
-def _report(learner: Learner, run_dir: Path, metrics: dict, finder: LRFinderResult | None) -> None:
+def _report_or_warn(learner: Learner, folder: RunFolder | None, metrics: dict, finder: LRFinderResult | None) -> None:
+    """Write the report; one that fails (a figure matplotlib cannot draw, say) is a warning line and
+    ``metrics["report_error"]``: the bundle and metrics are already saved. The files the report wrote
+    are listed in the run's manifest."""
+    started = time.perf_counter()
+    before = _file_stamps(folder.path) if folder is not None else {}
+    try:
+        _report(learner, folder.path if folder is not None else None, metrics, finder)
+    except Exception as error:  # noqa: BLE001 - whatever the report hits, the trained model stands
+        metrics["report_error"] = _one_line(error)
+        if folder is not None:
+            print(f"warning: report.html not written ({metrics['report_error']}); the model and metrics are saved",
+                  file=sys.stderr, flush=True)
+    finally:
+        if folder is not None:
+            after = _file_stamps(folder.path)
+            folder.record(*sorted(name for name, stamp in after.items() if before.get(name) != stamp))
+    metrics["seconds"]["report"] = time.perf_counter() - started
+    if folder is not None:
+        folder.write(METRICS_FILE, metrics_json(metrics))
+
+
+def _file_stamps(path: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file()}
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def _report(learner: Learner, run_dir: Path | None, metrics: dict, finder: LRFinderResult | None) -> None:
     from imgtune.deploy.bundle import read_meta
     from imgtune.explain.interpret import Interpretation
     from imgtune.explain.report import write_report
@@ -180,18 +321,35 @@ def _report(learner: Learner, run_dir: Path, metrics: dict, finder: LRFinderResu
                  lr_finder=finder)
 
 
-SPLIT_FILE = "split.csv"
+def split_csv(data: ImageData) -> str:
+    """The exact train/valid split of a run as CSV text that ``--csv`` and ``imgtune.load_data`` accept
+    (absolute file paths), so the run's validation set can be rebuilt later."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file", "label", "split"])
+    for split, items in (("train", data.train), ("valid", data.valid)):
+        for item in items:
+            writer.writerow([str(Path(item.path).resolve()), item.label, split])
+    return text.getvalue()
 
 
 def write_split(data: ImageData, path: Path) -> None:
-    """The exact train/valid split of a run, as a CSV that ``--csv`` and ``imgtune.load_data`` accept
-    (absolute file paths), so the run's validation set can be rebuilt later."""
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file", "label", "split"])
-        for split, items in (("train", data.train), ("valid", data.valid)):
-            for item in items:
-                writer.writerow([str(Path(item.path).resolve()), item.label, split])
+    """Write :func:`split_csv` to ``path``, atomically."""
+    atomic_write(path, split_csv(data))
+
+
+def data_warnings(data: ImageData) -> list[str]:
+    """A warning line per class folder that held no images (and so is no class)."""
+    return [f"warning: class folder {s.path} has no images: ignored" for s in data.skipped
+            if s.reason == EMPTY_CLASS_FOLDER]
+
+
+def skipped_lines(skipped: Sequence[dict]) -> list[str]:
+    """The first :data:`SKIPPED_SHOWN` skipped files with their reasons, then how many more."""
+    lines = [f"  skipped {s['path']}: {s['reason']}" for s in skipped[:SKIPPED_SHOWN]]
+    if len(skipped) > SKIPPED_SHOWN:
+        lines.append(f"  ... and {len(skipped) - SKIPPED_SHOWN} more (see metrics.json)")
+    return lines
 
 
 def _global_batch(config: dict) -> str:
@@ -210,6 +368,7 @@ def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
         f"imgtune run {run_dir}",
         f"data: {data['description']}: {len(data['classes'])} classes, {data['train']} train / {data['valid']} valid"
         f" images, {len(data['skipped'])} skipped",
+        *skipped_lines(data["skipped"]),
         f"model: {config['arch']} ({config['timm_name']}, weights {config['weights']}), {config['size']}px"
         f" {config['resize']}, batch {config['bs']}{_global_batch(config)}, device {metrics['device']}",
         f"lr: head {config['lr']['frozen']:.3g} frozen; {config['lr']['unfrozen'][0]:.3g}..{config['lr']['unfrozen'][1]:.3g}"
@@ -219,7 +378,11 @@ def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
     for m in metrics["history"]:
         lines.append(f"{m['epoch']:>5}  {m['phase']:<8}  {m['train_loss']:>10.4f}  {m['valid_loss']:>10.4f}"
                      f"  {100 * m['accuracy']:>7.2f}%  {m['seconds']:>7.1f}")
+    for where in metrics.get("resumed", []):
+        lines.append(f"resumed after {where['phase']} epoch {where['epoch']}/{where['epochs']} (from its checkpoint)")
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in metrics["seconds"].items())
+    if metrics.get("report_error"):
+        lines.append(f"warning: report.html not written ({metrics['report_error']})")
     lines += [
         f"validation accuracy {100 * metrics['valid_accuracy']:.2f}% (error rate {100 * metrics['error_rate']:.2f}%)",
         f"time: {timing}",

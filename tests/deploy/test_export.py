@@ -179,3 +179,44 @@ def test_an_unreadable_image_is_an_imgtune_error_naming_the_file(bundle, tmp_pat
         predictor.predict([broken])
     with pytest.raises(ImgtuneError, match="missing.png"):
         predictor.predict([tmp_path / "missing.png"])
+
+
+# --- weights and metadata belong together -----------------------------------------------------------
+
+
+def test_model_json_records_the_sha256_of_its_weights(bundle):
+    import hashlib
+
+    meta = json.loads((bundle / "model.json").read_text())
+    assert meta["weights_sha256"] == hashlib.sha256((bundle / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_weights_of_another_run_beside_model_json_are_refused(bundle, tiny_data, tmp_path):
+    """What a crash between the two files under --overwrite used to leave: new weights, old metadata."""
+    Learner.from_data(tiny_data, **{**TINY, "seed": 7}).save(tmp_path / "other")
+    (bundle / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ImgtuneError, match="model.safetensors is not the one model.json was written for"):
+        Predictor.load(bundle)
+
+
+def test_a_bundle_without_the_weights_hash_still_loads(trained, bundle):
+    meta_path = bundle / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["weights_sha256"]  # as imgtune 0.1.0 wrote it
+    meta_path.write_text(json.dumps(meta))
+    assert Predictor.load(bundle).classes == trained.classes
+
+
+@pytest.mark.parametrize("name", ["hf-hub:timm/resnet18.a1_in1k", "local-dir:/tmp/model", "timm/resnet18", "..\\x"])
+def test_a_timm_name_that_would_fetch_or_read_a_config_is_refused(bundle, name, monkeypatch):
+    import timm
+
+    def no_create(*args, **kwargs):
+        raise AssertionError("timm was asked to build the model")
+
+    meta_path = bundle / "model.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "timm_name": name}))
+    monkeypatch.setattr(timm, "create_model", no_create)
+    with pytest.raises(ImgtuneError, match="not a plain timm architecture name"):
+        Predictor.load(bundle)
+
