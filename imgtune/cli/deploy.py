@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from imgtune.cli.options import PROGRESS_MIN_FILES, fit_threads_to_cores
+from imgtune.cli.options import PROGRESS_MIN_FILES, device_option, fit_threads_to_cores, resolve_device
 from imgtune.errors import ImgtuneError
 
 BACKENDS = click.Choice(["auto", "torch", "onnx"])
@@ -52,7 +52,7 @@ def _top_k_json(top: list[tuple[str, float]]) -> list[dict]:
 @click.option("--bs", default=32, show_default=True, help="Images per batch.")
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="onnx: ONNX Runtime on model.onnx (see `imgtune export`); auto: onnx when model.onnx exists.")
-@click.option("--device", default="cpu", show_default=True, help="cuda, mps or cpu.")
+@device_option("the model")
 @click.option("--group-by", "group_by", type=click.Path(dir_okay=False),
               help="A manifest.csv from `imgtune render`: print one prediction per session (the mean "
               "log-probability of its windows) instead of one per image.")
@@ -64,7 +64,7 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
 
     if csv_path and Path(csv_path).exists() and not overwrite:
         raise ImgtuneError(f"{csv_path}: file exists; choose another --csv or pass --overwrite")
-    predictor = load_predictor(run_dir, backend=backend, device=device)
+    predictor = load_predictor(run_dir, backend=backend, device=resolve_device(device))
     files = image_files(images)
     if group_by:
         return _predict_sessions(predictor, files, group_by, top_k=top_k, as_json=as_json, csv_path=csv_path, bs=bs)
@@ -160,23 +160,29 @@ def export(run_dir, export_format, opset, overwrite):
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; 0.0.0.0 makes the demo reachable from other machines.")
+              help="Address to listen on; 0.0.0.0 makes the demo reachable from other machines. On loopback "
+              "only requests for 127.0.0.1, [::1] or localhost with the port are answered (421 otherwise).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--max-bytes", type=click.IntRange(1), default=10_000_000, show_default=True,
               help="Largest upload accepted (413 above).")
 @click.option("--max-pixels", type=click.IntRange(1), default=40_000_000, show_default=True,
               help="Most pixels an image may have, read from its header before decoding (413 above).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
-              help="Seconds one prediction may take (504 after).")
+              help="Seconds decoding and classifying one upload may take (504 after).")
+@click.option("--max-concurrent", type=click.IntRange(1),
+              help="Uploads decoded and classified at once; one more gets 503 with Retry-After. "
+              "[default: twice the usable CPU cores]")
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="What runs the predictions; Grad-CAM always uses PyTorch.")
-def serve(run_dir, host, port, max_bytes, max_pixels, timeout, backend):
+@device_option("the model (and Grad-CAM)")
+def serve(run_dir, host, port, max_bytes, max_pixels, timeout, max_concurrent, backend, device):
     """Serve a web demo of RUN_DIR's model: a page to upload or photograph an image and see the top
     classes with the Grad-CAM overlay, and its JSON API (POST /api/predict; schema at /openapi.json)."""
     fit_threads_to_cores()
     from imgtune.serve.app import create_app
 
-    app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout, backend=backend)
+    app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout, backend=backend,
+                     max_concurrent=max_concurrent, host=host, device=resolve_device(device))
     try:
         import uvicorn
     except ImportError:

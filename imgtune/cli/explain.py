@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from imgtune.cli.options import data_kwargs, data_options, fit_threads_to_cores
+from imgtune.cli.options import data_kwargs, data_options, device_option, fit_threads_to_cores, resolve_device
 
 
 @click.command()
@@ -15,7 +15,7 @@ from imgtune.cli.options import data_kwargs, data_options, fit_threads_to_cores
 @data_options
 @click.option("--top-k", "k", default=9, show_default=True, help="How many top losses to show.")
 @click.option("--min-count", default=1, show_default=True, help="Smallest count of a confused pair to list.")
-@click.option("--device", default="cpu", show_default=True, help="cuda, mps or cpu.")
+@device_option("the model")
 def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, seed, k, min_count, device):
     """Rebuild RUN_DIR's report.html and print the most confused pairs and the top losses.
 
@@ -33,7 +33,7 @@ def interpret(run_dir, data, label_re, csv_path, data_dir, valid_pct, stratify, 
         from imgtune.data.loaders import load_data
 
         images = load_data(data, seed=seed, **data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify))
-    interp = Interpretation.from_run(run_dir, images, device=device)
+    interp = Interpretation.from_run(run_dir, images, device=resolve_device(device))
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     report = write_report(run_dir, interp=interp, metrics=metrics, meta=read_meta(run_dir), k=k,

@@ -69,10 +69,44 @@ def model_options(function):
                      help="Image side in pixels.  [default: the backbone's: 224, lite1 240, lite2 260]"),
         click.option("--resize", type=click.Choice(["crop", "squish", "pad"]), default="crop", show_default=True,
                      help="How images become square: centre crop, squish, or pad with black."),
-        click.option("--bs", default=32, show_default=True, help="Batch size (per process under torchrun)."),
-        click.option("--num-workers", type=int, default=None, help="Loader processes.  [default: one per core, max 8]"),
+        click.option("--bs", type=click.IntRange(1), default=None,
+                     help="Batch size (per process under torchrun).  [default: 32; on a GPU with the free memory for "
+                     "it 64 or 128]"),
+        click.option("--num-workers", type=int, default=None,
+                     help="Loader processes.  [default: one per core, max 8; on a GPU every core but one; "
+                     "divided among torchrun's processes]"),
         click.option("--device", default=None, help="cuda, mps or cpu.  [default: the fastest present]"),
     ], function)
+
+
+#: ``--precision``'s values (imgtune.train.device.PRECISIONS, spelled out here: no torch import for --help).
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="On a CUDA GPU: bf16 autocast, fp16 autocast with loss scaling, or fp32; auto is bf16 on GPUs that "
+    "compute in it natively (compute capability 8.0 on: A100, H100, RTX 30xx...), else fp16. Off CUDA: fp32.")
+
+COMPILE_OPTION = click.option(
+    "--compile", "compile_model", is_flag=True,
+    help="torch.compile the network for its training steps (not for the head on cached features). For a GPU: "
+    "the first steps wait for the compilation; on a CPU a short run loses more than it gains.")
+
+
+def device_option(what: str):
+    """``--device``, default ``auto``: CUDA when a GPU is present, else the CPU (see :func:`resolve_device`)."""
+    return click.option("--device", default="auto", show_default=True,
+                        help=f"Where {what} runs: cuda, mps or cpu; auto: cuda when a CUDA GPU is present, else cpu.")
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when PyTorch sees a CUDA GPU, else ``"cpu"``; any other value as given.
+    Imports torch: call it inside a command, after the usage checks."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 CACHE_DIR_OPTION = click.option("--cache-dir", type=click.Path(file_okay=False),

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from imgtune.cli.options import (
+    COMPILE_OPTION,
+    PRECISION_OPTION,
     cache_kwargs,
     cache_options,
     data_kwargs,
@@ -47,12 +49,20 @@ Examples:
 @click.option("--no-augment", is_flag=True, help="Turn off training augmentation.")
 @cache_options
 @parallel_options
+@PRECISION_OPTION
+@COMPILE_OPTION
 @click.option("--no-report", is_flag=True, help="Skip report.html (interpretation and figures) at the end.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<data>-<timestamp>]")
-@click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty --out folder.")
+@click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty --out folder (replaces the files "
+              "an earlier run wrote there, listed in its run.json; no others).")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder after the last "
+              "epoch its checkpoint.pt saved; give the same DATA and options the run was started with (checked).")
+@click.option("--checkpoint-every", default=10.0, show_default=True, metavar="SECONDS",
+              help="Save checkpoint.pt after an epoch only if this long has passed since the last one (the "
+              "last epoch of each phase always); 0: after every epoch.")
 def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, weights, size, resize, bs,
           num_workers, device, epochs, freeze_epochs, lr, no_augment, no_feature_cache, no_cache, cache_dir, accumulate,
-          sync_bn, no_report, out, overwrite):
+          sync_bn, precision, compile_model, no_report, out, overwrite, resume, checkpoint_every):
     """Fine-tune a pretrained network on DATA: a folder, a dataset name (see `imgtune datasets`),
     or nothing for the embedded default (elpv solar cells).
 
@@ -69,17 +79,18 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
     result = run_training(
         data, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, weights=weights, size=size,
         resize=resize, bs=bs, augment=not no_augment, num_workers=num_workers, seed=seed, device=device, out=out,
-        overwrite=overwrite, report=not no_report, command=shlex.join(["imgtune", *sys.argv[1:]]),
+        overwrite=overwrite, report=not no_report, command=shlex.join(["imgtune", *sys.argv[1:]]), resume=resume,
+        checkpoint_every=checkpoint_every,
         **cache_kwargs(no_feature_cache, no_cache, cache_dir), accumulate=accumulate, sync_bn=sync_bn,
-        **data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify),
+        precision=precision, compile_model=compile_model, **data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify),
     )
     distributed.teardown()
     if not distributed.is_main():
         return
     click.echo((result.run_dir / "summary.txt").read_text().rstrip())
     click.secho(f"validation accuracy {100 * result.metrics['valid_accuracy']:.2f}%", bold=True)
-    click.echo(f"run saved to {result.run_dir} (model.safetensors, model.json, metrics.json, summary.txt"
-               f"{', report.html' if not no_report else ''})")
+    written = ", report.html" if not no_report and "report_error" not in result.metrics else ""
+    click.echo(f"run saved to {result.run_dir} (model.safetensors, model.json, metrics.json, summary.txt{written})")
 
 
 @click.command("lr-find")
@@ -89,11 +100,12 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
 @click.option("--steps", default=100, show_default=True, help="Sweep steps (one batch each) at most.")
 @cache_options
 @parallel_options
+@PRECISION_OPTION
 @click.option("--out", type=click.Path(dir_okay=False), help="PNG of the curve.  [default: runs/lr_find-<data>-<timestamp>.png]")
 @click.option("--overwrite", is_flag=True, help="Allow replacing an existing --out file.")
 def lr_find(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, weights, size, resize, bs,
-            num_workers, device, unfrozen, steps, no_feature_cache, no_cache, cache_dir, accumulate, sync_bn, out,
-            overwrite):
+            num_workers, device, unfrozen, steps, no_feature_cache, no_cache, cache_dir, accumulate, sync_bn, precision,
+            out, overwrite):
     """Sweep the learning rate on DATA, print the suggestion and save the curve as a PNG."""
     fit_threads_to_cores()
     from imgtune.data.loaders import load_data
@@ -110,7 +122,7 @@ def lr_find(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch,
     images = load_data(data, seed=seed, **data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify))
     learner = Learner.from_data(images, arch, weights=weights, size=size, resize=resize, bs=bs,
                                 num_workers=num_workers, seed=seed, device=device, accumulate=accumulate,
-                                sync_bn=sync_bn, **cache_kwargs(no_feature_cache, no_cache, cache_dir))
+                                sync_bn=sync_bn, precision=precision, **cache_kwargs(no_feature_cache, no_cache, cache_dir))
     if unfrozen:
         learner.unfreeze()
     result = learner.lr_find(num_steps=steps)

@@ -4,7 +4,8 @@ Everything lives under one folder, ``--cache-dir`` (default: ``$IMGTUNE_CACHE``,
 ``$XDG_CACHE_HOME/imgtune``, else ``~/.cache/imgtune``)::
 
     presized/<view>/<ab>/<key>.npy           an image decoded and resized once (uint8, H x W x C)
-    features/<model>-<view>/<ab>/<key>.npy   its backbone features (float32, views x F)
+    features/<model>-<view>/<ab>/<key>.npy   its backbone features (float32, views x F; computed in
+                                             bf16 or fp16 on a GPU: <model>-<view>-bf16/ ...)
     onnx/<model>-<size>.onnx                 the frozen backbone exported for fast feature extraction
 
 An entry's key hashes the file's absolute path, byte size and modification time (nanoseconds), so an

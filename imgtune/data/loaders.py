@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from imgtune.data import catalogue, shards
 from imgtune.data.images import MAX_PIXELS, load_image
@@ -147,20 +149,24 @@ class ImageData:
         return "\n".join(lines)
 
     def datasets(
-        self, *, size: int, resize: str, mean, std, augment: bool = True, cache: bool = False, cache_dir=None
+        self, *, size: int, resize: str, mean, std, augment: bool = True, cache: bool = False, cache_dir=None,
+        normalize: bool = True,
     ) -> tuple[ImageDataset, ImageDataset]:
         """Train and valid datasets. With ``cache``, each image is decoded and presized once and the
-        picture kept on disk (see :class:`ImageView`), so later epochs and runs skip the decoding."""
+        picture kept on disk (see :class:`ImageView`), so later epochs and runs skip the decoding.
+        ``normalize=False``: uint8 pictures, for :class:`DeviceNormalize` to normalise on the GPU."""
         index = {c: i for i, c in enumerate(self.classes)}
         store = cache_dir if cache else False
         valid_view = ImageView(size, resize, cache_dir=store)
+        to_tensor = tensor_transform(mean, std, normalize=normalize)
         if augment:
-            train_view, train_tf = ImageView(size, resize, kind="train", cache_dir=store), train_transform(size, resize, mean, std)
+            train_view = ImageView(size, resize, kind="train", cache_dir=store)
+            train_tf = train_transform(size, resize, mean, std, normalize=normalize)
         else:
-            train_view, train_tf = valid_view, tensor_transform(mean, std)
+            train_view, train_tf = valid_view, to_tensor
         return (
             ImageDataset(self.train, index, train_tf, train_view),
-            ImageDataset(self.valid, index, tensor_transform(mean, std), valid_view),
+            ImageDataset(self.valid, index, to_tensor, valid_view),
         )
 
     def loaders(
@@ -178,17 +184,25 @@ class ImageData:
         cache: bool = False,
         cache_dir=None,
         shard: tuple[int, int] | None | str = "auto",
+        device: str | torch.device | None = None,
     ) -> tuple[DataLoader, DataLoader]:
         """Train and valid loaders. The train loader shuffles with a seeded generator; ``cache`` and
         ``cache_dir`` as in :meth:`datasets`.
 
         ``shard=(rank, world_size)`` gives one process of several its part of both (see
         :func:`imgtune.data.shards.shard_samplers`); ``"auto"`` takes it from torch.distributed when
-        a process group is initialised (torchrun), ``None`` loads everything."""
+        a process group is initialised (torchrun), ``None`` loads everything.
+
+        ``device``: where the batches go (``None``: unknown, the CPU's loaders). For CUDA the batches
+        are uint8 pictures in pinned memory (a quarter of float32's bytes, copied without waiting),
+        to be normalised on the GPU by :class:`DeviceNormalize`; the workers are more (see
+        :func:`default_num_workers`), and the valid loader's start for each evaluation instead of
+        idling beside the training loader's."""
+        cuda = device is not None and torch.device(device).type == "cuda"
         train_ds, valid_ds = self.datasets(size=size, resize=resize, mean=mean, std=std, augment=augment,
-                                           cache=cache, cache_dir=cache_dir)
-        workers = default_num_workers() if num_workers is None else num_workers
-        common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+                                           cache=cache, cache_dir=cache_dir, normalize=not cuda)
+        workers = default_num_workers(device) if num_workers is None else num_workers
+        common = dict(num_workers=workers, pin_memory=pin_memory or cuda)
         generator = torch.Generator().manual_seed(seed)
         shard = shards.current_shard() if shard == "auto" else shard
         train_sampler, valid_sampler = (None, None) if shard is None else shards.shard_samplers(
@@ -196,16 +210,55 @@ class ImageData:
         n_train = len(train_sampler) if train_sampler is not None else len(train_ds)
         train_dl = DataLoader(
             train_ds, batch_size=bs, shuffle=train_sampler is None, sampler=train_sampler, drop_last=n_train > bs,
-            generator=generator, worker_init_fn=_seed_worker, **common,
+            generator=generator, worker_init_fn=_seed_worker, persistent_workers=workers > 0, **common,
         )
-        valid_dl = DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, sampler=valid_sampler, **common)
+        valid_dl = DataLoader(valid_ds, batch_size=bs * 2, shuffle=False, sampler=valid_sampler,
+                              persistent_workers=workers > 0 and not cuda, **common)
         return train_dl, valid_dl
 
 
-def default_num_workers() -> int:
-    """Loader processes: one per core, at most 8; none on a single core."""
-    cores = usable_cores()
-    return 0 if cores < 2 else min(cores, 8)
+#: Loader processes per training process at most, off CUDA: there the workers share the cores with
+#: the training itself, and more than 8 only take turns.
+CPU_MAX_WORKERS = 8
+
+
+def local_processes() -> int:
+    """The training processes on this machine: torchrun's ``LOCAL_WORLD_SIZE`` (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def default_num_workers(device: str | torch.device | None = None) -> int:
+    """Loader processes for one training process: its share of the usable cores (divided among the
+    ``LOCAL_WORLD_SIZE`` processes torchrun starts on a machine); none when that share is one core.
+
+    Off CUDA at most :data:`CPU_MAX_WORKERS`. On CUDA the GPU computes, so every core of the share
+    but one (the training process's own, which feeds the GPU) decodes and augments pictures.
+    """
+    cores = usable_cores() // local_processes()
+    if cores < 2:
+        return 0
+    if device is not None and torch.device(device).type == "cuda":
+        return cores - 1
+    return min(cores, CPU_MAX_WORKERS)
+
+
+class DeviceNormalize:
+    """uint8 picture batches to normalised float32 where they are (on the GPU, after their copy):
+    the same operations as the CPU loaders' transform (scale to [0, 1], then ``(x - mean) / std``).
+
+    Args:
+        mean, std: the per-channel normalisation.
+    """
+
+    def __init__(self, mean, std):
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = v2.functional.to_dtype(images, torch.float32, scale=True)
+        return v2.functional.normalize(images, self.mean, self.std)
 
 
 def _seed_worker(worker_id: int) -> None:

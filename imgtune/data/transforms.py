@@ -35,13 +35,16 @@ def resize_steps(size: int, resize: str) -> list:
     raise ImgtuneError(f"`resize` must be one of {', '.join(RESIZE_METHODS)}, not {resize!r}")
 
 
-def _to_tensor(mean, std) -> list:
+def _to_tensor(mean, std, normalize: bool = True) -> list:
+    if not normalize:  # a uint8 tensor, normalised later on the GPU (imgtune.data.loaders.DeviceNormalize)
+        return [v2.ToImage()]
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
-def tensor_transform(mean, std) -> v2.Compose:
-    """A picture (already presized, see :class:`ImageView`) to a normalised float tensor."""
-    return v2.Compose(_to_tensor(mean, std))
+def tensor_transform(mean, std, *, normalize: bool = True) -> v2.Compose:
+    """A picture (already presized, see :class:`ImageView`) to a normalised float tensor (``normalize=False``:
+    a uint8 tensor)."""
+    return v2.Compose(_to_tensor(mean, std, normalize))
 
 
 def valid_transform(size: int, resize: str, mean, std) -> v2.Compose:
@@ -49,9 +52,10 @@ def valid_transform(size: int, resize: str, mean, std) -> v2.Compose:
     return v2.Compose(resize_steps(size, resize) + _to_tensor(mean, std))
 
 
-def train_transform(size: int, resize: str, mean, std) -> v2.Compose:
+def train_transform(size: int, resize: str, mean, std, *, normalize: bool = True) -> v2.Compose:
     """Augmented: a random crop of 50-100% of the area (``crop``) or a zoom of up to 1.2x (``squish``,
-    ``pad``), a horizontal flip, a rotation of up to 10 degrees, and brightness/contrast of +-20%."""
+    ``pad``), a horizontal flip, a rotation of up to 10 degrees, and brightness/contrast of +-20%;
+    then normalised (``normalize=False``: a uint8 tensor)."""
     if resize == "crop":
         geometry = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True)]
     else:
@@ -63,5 +67,5 @@ def train_transform(size: int, resize: str, mean, std) -> v2.Compose:
             v2.RandomRotation(10),
             v2.ColorJitter(brightness=0.2, contrast=0.2),
         ]
-        + _to_tensor(mean, std)
+        + _to_tensor(mean, std, normalize)
     )

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from imgtune.files import atomic_write
 from imgtune.train import distributed
 
 
@@ -58,10 +59,12 @@ class ProgressCallback:
         use_bar = _interactive(self._out) if self.bar is None else self.bar
         use_bar = use_bar and distributed.is_main()  # under torchrun only rank 0 reports
         self._start = self._last_print = time.monotonic()
+        resumed = f", resumed after step {learner.step}" if learner.step else ""
         if use_bar:
             self._pbar = self._bar(learner.total_steps, learner.phase)
+            self._pbar.update(learner.step)  # a resumed fit starts where its checkpoint stood
         else:
-            self._write(f"{learner.phase}: {learner.total_steps} steps")
+            self._write(f"{learner.phase}: {learner.total_steps} steps{resumed}")
 
     def after_batch(self, learner) -> None:
         if self._pbar is not None:
@@ -152,9 +155,8 @@ class CheckpointCallback:
         value = learner.epoch_metrics[self.monitor]
         score = value if self.lower_is_better else -value
         if score < self.best and distributed.is_main():  # every process has the same weights; one writes
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             self.best = score
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in learner.model.state_dict().items()}
-            save_file(state, str(self.path))
+            atomic_write(self.path, save(state), fsync=True)  # a crash leaves the previous best whole

@@ -99,8 +99,9 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+# "Application timeout caused pair closure": gloo's words when a peer stopped answering mid-collective.
 _COMM_FAILURE = re.compile(r"gloo|nccl|connection (reset|closed|refused)|timed out|broken pipe|"
-                           r"process ?group|socket|watchdog", re.IGNORECASE)
+                           r"process ?group|socket|watchdog|pair closure", re.IGNORECASE)
 
 
 def lost_peer_message(error: BaseException) -> str | None:
@@ -285,4 +286,16 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type != "cuda":
         raise ImgtuneError(f"`sync_bn=True` needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on {device.type});"
                            " leave it out on this device")
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return convert_sync_batchnorm(model)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """``model``'s BatchNorm layers as SyncBatchNorm, each sharing its parameters and buffers.
+
+    timm's converter, not PyTorch's: timm's ``BatchNormAct2d`` (BatchNorm, then its activation and
+    dropout, in every EfficientNet-Lite block) becomes a ``SyncBatchNormAct`` that keeps them, where
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` makes a plain SyncBatchNorm that never calls them.
+    """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(model)

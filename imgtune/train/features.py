@@ -7,37 +7,38 @@ image, a horizontal flip being the augmentation that survives in feature space),
 on them. An epoch then costs milliseconds instead of a pass of the whole network, and a second run on
 the same images and backbone reads the features from the cache (:mod:`imgtune.data.cache`).
 
-On the CPU the body runs on ONNX Runtime when it is installed (2-4x faster than PyTorch eager for
-these networks), after checking that its features match PyTorch's within :data:`FEATURE_TOLERANCE`.
+The features come from :mod:`imgtune.train.extract` (ONNX Runtime on the CPU, PyTorch on a GPU). A
+GPU's bf16 or fp16 features differ from the CPU's float32 ones in the last digits, so they are cached
+apart (see :func:`feature_store_name`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from imgtune.data.cache import ArrayStore, cache_root, file_key
+from imgtune.data.cache import ArrayStore, cache_root
 from imgtune.data.presize import ImageView
-from imgtune.data.transforms import tensor_transform
-from imgtune.deploy.export import module_to_onnx
-from imgtune.files import atomic_write
 from imgtune.train import distributed
+from imgtune.train.extract import FeatureExtractor, compute_features
 
-#: Views cached per image: the picture and its mirror image.
-FEATURE_VIEWS = 2
 
-#: Largest difference allowed between ONNX Runtime's and PyTorch's features (else PyTorch is used).
-FEATURE_TOLERANCE = 1e-4
+def feature_store_name(fingerprint: str, view_name: str, precision: str) -> str:
+    """The feature cache folder (under ``features/``) of a body, a view and the precision it ran in.
+
+    float32 features (the CPU's, PyTorch or ONNX Runtime alike) keep the name they always had, so
+    existing caches stay valid; bf16 and fp16 features (a GPU's) differ from them in the last digits
+    and get folders of their own.
+    """
+    name = f"{fingerprint}-{view_name}"
+    return name if precision == "fp32" else f"{name}-{precision}"
 
 
 def supports_features(model: nn.Module) -> bool:
@@ -60,18 +61,6 @@ class HeadOnFeatures(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.drop(features))
 
-
-class _Body(nn.Module):
-    """The model without its classifier: images to pooled features."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
-
-
 def body_fingerprint(model: nn.Module, *extra) -> str:
     """A hash of the body's weights and buffers (not the classifier's) and of ``extra`` (e.g. the
     input normalisation): features cached under it are valid exactly while it is unchanged."""
@@ -86,158 +75,6 @@ def body_fingerprint(model: nn.Module, *extra) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
-
-
-class FeatureExtractor:
-    """The frozen body as a function of a batch of normalised images -> (B, F) float32 on the CPU.
-
-    ``cache_dir``: where the exported graph is kept (``False``: in memory only).
-    ``backend``: ``"onnx"`` (ONNX Runtime, CPU), ``"torch"``, or ``"auto"``: ONNX Runtime on the CPU
-    when installed and its features match PyTorch's on the first batch, else PyTorch (channels_last,
-    inference mode, autocast on CUDA).
-    """
-
-    def __init__(self, model: nn.Module, *, size: int, device: torch.device, fingerprint: str,
-                 backend: str = "auto", cache_dir=None):
-        self.body = _Body(model)
-        self.size, self.device, self.fingerprint = size, torch.device(device), fingerprint
-        self.cache_dir = cache_dir
-        self.backend = backend if backend != "auto" else ("onnx" if self.device.type == "cpu" and _has_ort() else "torch")
-        self.session = None
-        self.checked = self.backend == "torch"
-        self.difference: float | None = None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.backend == "onnx" and self.session is None:
-            self.session = self._session()
-        if not self.checked:
-            self.checked = True
-            self.difference = float((self._onnx(images[:4]) - self._torch(images[:4])).abs().max())
-            if self.difference > FEATURE_TOLERANCE:
-                warnings.warn(f"ONNX Runtime's features differ from PyTorch's by {self.difference:.2g};"
-                              " computing them with PyTorch instead")
-                self.backend, self.session = "torch", None
-        return self._onnx(images) if self.backend == "onnx" else self._torch(images)
-
-    @torch.inference_mode()
-    def _torch(self, images: torch.Tensor) -> torch.Tensor:
-        model = self.body.model
-        was_training = model.training
-        model.eval()
-        try:
-            images = images.to(self.device, memory_format=torch.channels_last)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-            with autocast:
-                return self.body(images).float().cpu()
-        finally:
-            model.train(was_training)
-
-    def _onnx(self, images: torch.Tensor) -> torch.Tensor:
-        (features,) = self.session.run(None, {"images": images.contiguous().numpy().astype(np.float32)})
-        return torch.from_numpy(features)
-
-    def _session(self):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        if self.cache_dir is False:  # nothing on disk: the graph stays in memory
-            model = _export_body(self.body, self.size)
-        else:
-            path = cache_root(self.cache_dir) / "onnx" / f"{self.fingerprint}-{self.size}.onnx"
-            if not path.is_file():
-                atomic_write(path, _export_body(self.body, self.size))
-            model = str(path)
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-
-
-def _export_body(body: _Body, size: int) -> bytes:
-    """The body as an ONNX graph (dynamic batch)."""
-    model = body.model
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        return module_to_onnx(body, torch.zeros(2, 3, size, size, device=device), input_name="images",
-                              output_name="features")
-    finally:
-        model.train(was_training)
-
-
-def _has_ort() -> bool:
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def compute_features(
-    paths: Sequence[str | Path],
-    extractor: FeatureExtractor,
-    view: ImageView,
-    *,
-    mean,
-    std,
-    store: ArrayStore | None = None,
-    batch_size: int = 16,
-    progress=None,
-) -> tuple[torch.Tensor, dict]:
-    """The features of every file in ``paths``, for :data:`FEATURE_VIEWS` views (picture, mirror).
-
-    Args:
-        paths: image files (already checked readable).
-        extractor: the frozen body.
-        view: how a file becomes the picture (its presize cache is used).
-        mean, std: the input normalisation.
-        store: where features are cached (``None``: not cached).
-        batch_size: pictures per extractor call (twice as many images with the mirrors; on 2 CPU
-            cores ONNX Runtime runs 32 images at 96/s, 128 at 60/s).
-        progress: a callable ``progress(done, total)`` called after each batch.
-
-    Returns:
-        ``(features, stats)``: a float32 tensor (N, views, F) and ``{"cached": hits, "computed": misses,
-        "seconds": ...}``.
-    """
-    started = time.perf_counter()
-    keys = [file_key(path) for path in paths]
-    found: dict[int, np.ndarray] = {}
-    if store is not None:
-        for index, key in enumerate(keys):
-            array = store.get(key)
-            if array is not None and array.shape[0] == FEATURE_VIEWS:
-                found[index] = array
-    missing = [i for i in range(len(paths)) if i not in found]
-    to_tensor = tensor_transform(mean, std)
-    if missing and progress is not None:
-        progress(0, len(missing))
-    chunks = [missing[start : start + batch_size] for start in range(0, len(missing), batch_size)]
-
-    def load(chunk: list[int]) -> torch.Tensor:
-        return torch.stack([to_tensor(view(paths[i])) for i in chunk])
-
-    # The next chunk's pictures load in a thread while the body runs on this one (ONNX Runtime and
-    # PyTorch release the GIL), so loading costs no wall time once the presize cache is warm.
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
-        for number, chunk in enumerate(chunks):
-            images = pending.result()
-            if number + 1 < len(chunks):
-                pending = pool.submit(load, chunks[number + 1])
-            batch = torch.cat([images, images.flip(-1)])  # the views of the chunk, view-major
-            features = extractor(batch).reshape(FEATURE_VIEWS, len(chunk), -1).transpose(0, 1).numpy()
-            for index, array in zip(chunk, features):
-                found[index] = array
-                if store is not None:
-                    store.put(keys[index], array)
-            if progress is not None:
-                progress(min((number + 1) * batch_size, len(missing)), len(missing))
-    stacked = torch.from_numpy(np.stack([found[i] for i in range(len(paths))])) if paths else torch.empty(0, FEATURE_VIEWS, 0)
-    stats = dict(cached=len(paths) - len(missing), computed=len(missing), seconds=time.perf_counter() - started)
-    return stacked, stats
-
 
 class FeatureDataset(Dataset):
     """(features, class index) pairs; training picks one of the cached views at random each time."""
@@ -271,7 +108,7 @@ class FeatureSource:
         self.cache, self.cache_dir = cache, cache_dir
         self.view = valid_ds.view
         self.stats: dict = {}
-        self._made: tuple[str, DataLoader, DataLoader] | None = None
+        self._made: tuple[tuple[str, str], DataLoader, DataLoader] | None = None
 
     @classmethod
     def from_loaders(cls, train_dl: DataLoader, valid_dl: DataLoader, *, seed: int, mean, std, size: int,
@@ -284,16 +121,19 @@ class FeatureSource:
         return cls(train_dl.dataset, valid_dl.dataset, batch_size=train_dl.batch_size, drop_last=train_dl.drop_last,
                    seed=seed, mean=mean, std=std, size=size, cache=cache, cache_dir=cache_dir, augment=augment)
 
-    def loaders(self, model: nn.Module, device: torch.device, progress=None) -> tuple[DataLoader, DataLoader]:
-        """Feature loaders for ``model``'s current body (recomputed only if the body's weights changed)."""
+    def loaders(self, model: nn.Module, device: torch.device, progress=None,
+                precision: str = "auto") -> tuple[DataLoader, DataLoader]:
+        """Feature loaders for ``model``'s current body (recomputed only if the body's weights or the
+        ``precision`` it runs in changed; see :func:`imgtune.train.device.choose_precision`)."""
         fingerprint = body_fingerprint(model, self.mean, self.std, self.size)
-        if self._made is not None and self._made[0] == fingerprint:
+        extractor = FeatureExtractor(model, size=self.size, device=device, fingerprint=fingerprint,
+                                     cache_dir=self.cache_dir if self.cache else False, precision=precision)
+        if self._made is not None and self._made[0] == (fingerprint, extractor.precision):
             return self._made[1], self._made[2]
         store = None
         if self.cache:
-            store = ArrayStore(cache_root(self.cache_dir) / "features" / f"{fingerprint}-{self.view.name}")
-        extractor = FeatureExtractor(model, size=self.size, device=device, fingerprint=fingerprint,
-                                     cache_dir=self.cache_dir if self.cache else False)
+            name = feature_store_name(fingerprint, self.view.name, extractor.precision)
+            store = ArrayStore(cache_root(self.cache_dir) / "features" / name)
         paths = [item.path for item in self.train_ds.items] + [item.path for item in self.valid_ds.items]
         features, stats = compute_features(paths, extractor, self.view, mean=self.mean, std=self.std, store=store,
                                            progress=progress)
@@ -307,7 +147,7 @@ class FeatureSource:
                               batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, generator=generator)
         valid_dl = DataLoader(FeatureDataset(features[n_train:], valid_targets, random_view=False),
                               batch_size=self.batch_size * 2, shuffle=False)
-        self._made = (fingerprint, train_dl, valid_dl)
+        self._made = ((fingerprint, extractor.precision), train_dl, valid_dl)
         return train_dl, valid_dl
 
 
@@ -327,7 +167,8 @@ def head_on_features(learner):
     saved = learner.model, learner.train_dl, learner.valid_dl, learner.memory_format
     started = time.perf_counter()
     train_dl, valid_dl = learner.features.loaders(learner.model, learner.device,
-                                                  progress=lambda done, total: learner.call("on_features", done, total))
+                                                  progress=lambda done, total: learner.call("on_features", done, total),
+                                                  precision=learner.precision.name)
     if learner.features.stats.get("computed"):
         learner.timings["features"] = learner.timings.get("features", 0.0) + time.perf_counter() - started
     learner.model = HeadOnFeatures(learner.model)
@@ -348,6 +189,8 @@ def imagenet_features(
     cache_dir=None,
     cache: bool = True,
     progress: bool = False,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Pooled backbone features of image files (one row per file, the picture's own view), cached.
 
@@ -358,6 +201,8 @@ def imagenet_features(
         size, resize: the input size (default: the backbone's) and resize method.
         cache_dir, cache: where features and presized pictures are cached, and whether to.
         progress: print a progress bar.
+        device: where the backbone runs (default: CUDA when present, else the CPU).
+        precision: on CUDA, as for :func:`imgtune.train.device.choose_precision` (cached apart from fp32).
 
     Returns:
         A float32 tensor of shape (len(paths), F).
@@ -367,14 +212,16 @@ def imagenet_features(
     arch = arch or DEFAULT_ARCH
     backbone = get_backbone(arch)
     size = size or backbone.size
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(arch, 2, weights=weights).eval()
     if not supports_features(model):
         raise ValueError(f"{arch}: has no timm-style forward_features/forward_head; cannot extract features")
     fingerprint = body_fingerprint(model, list(backbone.mean), list(backbone.std), size)
     view = ImageView(size, resize, cache_dir=cache_dir if cache else False)
-    store = ArrayStore(cache_root(cache_dir) / "features" / f"{fingerprint}-{view.name}") if cache else None
-    extractor = FeatureExtractor(model, size=size, device=torch.device("cpu"), fingerprint=fingerprint,
-                                 cache_dir=cache_dir if cache else False)
+    extractor = FeatureExtractor(model.to(device), size=size, device=device, fingerprint=fingerprint,
+                                 cache_dir=cache_dir if cache else False, precision=precision)
+    name = feature_store_name(fingerprint, view.name, extractor.precision)
+    store = ArrayStore(cache_root(cache_dir) / "features" / name) if cache else None
     bar = None
     if progress:
         from tqdm.auto import tqdm

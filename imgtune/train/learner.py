@@ -23,16 +23,24 @@ import torch
 from torch import nn
 
 from imgtune.data import shards
-from imgtune.data.loaders import ImageData
+from imgtune.data.loaders import DeviceNormalize, ImageData
 from imgtune.deploy.bundle import META_FILE, save_bundle
 from imgtune.errors import ImgtuneError
 from imgtune.models import DEFAULT_ARCH, IMAGENET, NO_WEIGHTS, create_model, get_backbone, layer_groups
-from imgtune.train import distributed, evaluate, freezing, schedule
+from imgtune.train import checkpoint, distributed, evaluate, freezing, schedule
 from imgtune.train.callbacks import History, ProgressCallback
 from imgtune.train.config import TrainConfig, read_training_config
 from imgtune.train.defaults import AUTO_STEPS
-from imgtune.train.device import Precision, default_device, out_of_memory_error
-from imgtune.train.features import FeatureSource, head_on_features, supports_features
+from imgtune.train.device import (
+    Precision,
+    adamw,
+    configure_cuda,
+    default_batch_size,
+    default_device,
+    out_of_memory_error,
+    to_device,
+)
+from imgtune.train.features import FeatureSource, HeadOnFeatures, head_on_features, supports_features
 from imgtune.train.lr_find import LRFinderResult, find_lr
 
 
@@ -52,6 +60,13 @@ class Learner:
     :mod:`imgtune.train.freezing`; :meth:`from_data` picks ``"train"`` for ``weights="none"``).
     ``accumulate`` micro-batches make one optimizer step (under torchrun the global batch is
     bs x processes x accumulate); ``max_grad_norm`` clips the gradients' global norm (off by default).
+
+    On CUDA: ``precision`` (``"auto"``, ``"bf16"``, ``"fp16"``, ``"fp32"``; see
+    :func:`imgtune.train.device.choose_precision`; ``mixed_precision=False`` is fp32), cuDNN autotuning
+    and TF32, fused AdamW, and with ``compile_model`` the training step's network through
+    ``torch.compile`` (allowed off CUDA too, where it costs more to start than it saves on a short run).
+    ``normalize`` normalises uint8 picture batches on the device (:class:`imgtune.data.loaders.DeviceNormalize`:
+    what :meth:`from_data`'s CUDA loaders send).
     """
 
     def __init__(self, model: nn.Module, train_dl, valid_dl, *, classes: Sequence[str],
@@ -59,7 +74,8 @@ class Learner:
                  device: str | torch.device | None = None, mixed_precision: bool | None = None,
                  channels_last: bool = True, bn_stats: str = "frozen", callbacks: Iterable = (),
                  config: TrainConfig | dict | None = None, features: FeatureSource | None = None,
-                 accumulate: int = 1, sync_bn: bool = False, max_grad_norm: float | None = None):
+                 accumulate: int = 1, sync_bn: bool = False, max_grad_norm: float | None = None,
+                 precision: str = "auto", compile_model: bool = False, normalize=None):
         self.device = torch.device(device) if device else default_device()
         if accumulate < 1:
             raise ImgtuneError(f"`accumulate` must be 1 or more, not {accumulate}")
@@ -72,8 +88,11 @@ class Learner:
         self.classes = list(classes)
         self.groups = groups if groups is not None else [list(model.parameters())]
         self.loss_func = nn.CrossEntropyLoss()
-        self.opt = torch.optim.AdamW([{"params": g} for g in self.groups], lr=1e-3, weight_decay=wd)
-        self.precision = Precision(self.device, mixed_precision)
+        self.opt = adamw([{"params": g} for g in self.groups], device=self.device, lr=1e-3, weight_decay=wd)
+        self.precision = Precision(self.device, mixed_precision, precision)
+        if self.device.type == "cuda":
+            configure_cuda(self.precision.name)
+        self.normalize, self.compile_model, self._compiled = normalize, compile_model, None
         self.parallel = distributed.DataParallel(self.device)
         self.history_cb = History()
         self.callbacks = [self.history_cb, *callbacks]
@@ -88,10 +107,11 @@ class Learner:
         # Cached features for the frozen phase (see imgtune.train.features); only for a timm-style model.
         self.features = features if features is not None and supports_features(model) else None
         self._epochs_trained = 0
+        self.plan: dict | None = None  # fine_tune's epochs and rates, kept in checkpoints
 
     @classmethod
     def from_data(cls, data: ImageData, arch: str = DEFAULT_ARCH, *, weights: str | None = IMAGENET,
-                  size: int | None = None, resize: str = "crop", bs: int = 32, augment: bool = True,
+                  size: int | None = None, resize: str = "crop", bs: int | None = None, augment: bool = True,
                   num_workers: int | None = None, seed: int = 42, device: str | None = None, progress: bool = True,
                   callbacks: Iterable = (), feature_cache: bool = True, cache: bool = True, cache_dir=None,
                   **kwargs) -> Learner:
@@ -103,7 +123,8 @@ class Learner:
             weights: ``"imagenet"``, ``"none"``, a weights file or a run folder (its ``model.json`` is checked).
             size, resize: image side in pixels (default: the backbone's, 224 for most); ``"crop"``,
                 ``"squish"`` or ``"pad"``.
-            bs: batch size per step.
+            bs: batch size per step (default: :func:`imgtune.train.device.default_batch_size`: 32 off
+                CUDA, more on a GPU with the memory for it; the lr finder sweeps with it too).
             augment: augment training images (flip, rotate, zoom, lighting).
             num_workers: loader processes (default: one per core).
             seed: seeds the head's initialisation, the shuffling and the augmentation.
@@ -127,9 +148,13 @@ class Learner:
         model = create_model(arch, len(data.classes), weights=weights)
         mean, std = backbone.mean, backbone.std
         device = torch.device(device) if device else default_device()
+        if bs is None:
+            bs = default_batch_size(device, size=size, train_images=len(data.train) // distributed.world_size())
         train_dl, valid_dl = data.loaders(size=size, resize=resize, mean=mean, std=std, bs=bs, augment=augment,
                                           num_workers=num_workers, seed=seed, pin_memory=device.type == "cuda",
-                                          cache=cache, cache_dir=cache_dir)
+                                          cache=cache, cache_dir=cache_dir, device=device)
+        if device.type == "cuda":  # its loaders send uint8 pictures
+            kwargs.setdefault("normalize", DeviceNormalize(mean, std))
         config = TrainConfig(arch=arch, timm_name=backbone.timm_name, weights=str(weights), size=size, resize=resize,
                              mean=list(mean), std=list(std), bs=bs, augment=augment, seed=seed)
         callbacks = ([ProgressCallback()] if progress else []) + list(callbacks)
@@ -179,58 +204,91 @@ class Learner:
         """Optimizer steps per epoch: the training batches, ``accumulate`` per step (a shorter last step)."""
         return math.ceil(len(self.train_dl) / self.accumulate)
 
+    @property
+    def loss(self) -> float:
+        """The last step's loss (for callbacks; on a GPU, reading it waits for that step to finish)."""
+        return float(self._loss)
+
+    @loss.setter
+    def loss(self, value) -> None:
+        self._loss = value  # a float, or a 0-d tensor on the device, not read back until asked for
+
     def train_step(self, micro_batches: Iterable, count: int, lrs: Sequence[float],
-                   momentum: float | None = None) -> list[tuple[float, int]]:
+                   momentum: float | None = None, *, on_device: bool = False) -> list[tuple[float, int]]:
         """One optimizer step at rates ``lrs`` (one per layer group) and ``momentum`` (Adam's beta1, ``None``:
         unchanged) over ``micro_batches``, the step's ``count`` ``(images, targets)`` pairs (read one at a
         time). Each loss is scaled by 1/count, so the summed gradients equal one batch of them all; under
         DDP only the last averages gradients across processes. Returns each micro-batch's unscaled loss
-        and size; a CUDA out-of-memory error becomes an ImgtuneError naming a batch that fits.
+        and size (``on_device``: the losses as 0-d float32 tensors on the device, so that the CPU does
+        not wait for the GPU to finish the step); a CUDA out-of-memory error becomes an ImgtuneError
+        naming a batch that fits.
         """
         for group, lr in zip(self.opt.param_groups, lrs):  # the schedule
             group["lr"] = lr
             if momentum is not None:
                 group["betas"] = (momentum, group["betas"][1])
         self.opt.zero_grad(set_to_none=True)
-        model = self.parallel.module(self.model)  # the model, or its DistributedDataParallel wrapper
+        model = self._training_module()  # the model, its DistributedDataParallel wrapper, or their compiled form
         losses, out_of_memory = [], False
         try:
             for i, (xb, yb) in enumerate(micro_batches):
-                x = xb.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                y = yb.to(self.device, non_blocking=True)
-                with self.parallel.no_sync(model, sync=i == count - 1):
-                    with self.precision.autocast():
-                        loss = self.loss_func(model(x).float(), y)  # forward, loss
-                    self.precision.backward(loss * (1.0 / count) if count != 1 else loss)  # backward
-                losses.append((loss.item(), len(yb)))
+                losses.append((self._micro_step(model, xb, yb, count, sync=i == count - 1), len(yb)))
         except torch.cuda.OutOfMemoryError:
-            out_of_memory = True  # advised below, once the traceback no longer holds the batch's activations
+            # Advised below: the failed micro-step's activations lived in _micro_step's frame, freed with
+            # the traceback when this block ends, so halves of the batch are tried in the memory it held.
+            out_of_memory = True
         if out_of_memory:
             raise out_of_memory_error(self, xb, yb)
         if self.max_grad_norm is not None:
             self.precision.unscale(self.opt)
             nn.utils.clip_grad_norm_([p for group in self.groups for p in group], self.max_grad_norm)
         self.precision.step(self.opt)  # the optimizer step
-        return losses
+        return losses if on_device else [(loss.item(), n) for loss, n in losses]
+
+    def _micro_step(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, count: int, sync: bool) -> torch.Tensor:
+        """Forward, loss and backward of one micro-batch of a step of ``count``; returns its loss, detached."""
+        x = to_device(xb, self.device, self.memory_format, self.normalize)
+        y = yb.to(self.device, non_blocking=True)
+        with self.parallel.no_sync(model, sync=sync):
+            with self.precision.autocast():
+                loss = self.loss_func(model(x).float(), y)  # forward, loss
+            self.precision.backward(loss * (1.0 / count) if count != 1 else loss)  # backward
+        return loss.detach()
+
+    def _training_module(self) -> nn.Module:
+        """What a training step calls: the model or its DDP wrapper, through ``torch.compile`` with
+        ``compile_model`` (compiled once per module; not the head on cached features, whose step costs
+        less than the compilation)."""
+        module = self.parallel.module(self.model)
+        if not self.compile_model or isinstance(self.model, HeadOnFeatures):
+            return module
+        if self._compiled is None or self._compiled[0] is not module:
+            self._compiled = (module, torch.compile(module))
+        return self._compiled[1]
 
     def fit_one_cycle(self, epochs: int, lr_max: float | Sequence[float] = 1e-3, *, pct_start: float = 0.25,
                       div: float = 25.0, div_final: float = 1e5, moms: tuple[float, float, float] = (0.95, 0.85, 0.95),
-                      phase: str = "fit") -> Learner:
+                      phase: str = "fit", resume: dict | None = None) -> Learner:
         """Train ``epochs`` epochs with the one-cycle policy (see :func:`imgtune.train.schedule.one_cycle`).
 
         ``lr_max`` is one rate or a pair ``(low, high)`` spread geometrically over the layer groups.
+        ``resume`` continues a fit a checkpoint interrupted (see :func:`imgtune.train.checkpoint.resume_points`):
+        ``{"epoch": epochs done, "step": steps done, "random": random state}``, with the weights and
+        optimizer already restored; the random state is put back once the fit has made its loaders.
         """
         if epochs < 1:
             return self
         with head_on_features(self):
             rates = functools.partial(schedule.one_cycle, lr_max=schedule.discriminative_lrs(lr_max, len(self.groups)),
                                       pct_start=pct_start, div=div, div_final=div_final, moms=moms)
-            self.phase, self.epochs, self.step = phase, epochs, 0
+            self.phase, self.epochs, self.step = phase, epochs, resume["step"] if resume else 0
             self.total_steps = epochs * self.steps_per_epoch
             self.should_stop = False
             started = time.perf_counter()
             self.call("before_fit")
-            for epoch in range(1, epochs + 1):
+            if resume is not None:
+                checkpoint.restore_random_state(self, resume["random"])
+            for epoch in range(resume["epoch"] + 1 if resume else 1, epochs + 1):
                 self.epoch, epoch_start = epoch, time.perf_counter()
                 train_loss = self._train_epoch(rates)
                 self.epoch_metrics = dict(epoch=epoch, phase=phase, train_loss=train_loss, **self.validate(),
@@ -249,11 +307,14 @@ class Learner:
         shards.set_epoch(self.train_dl, self._epochs_trained)
         shards.record_shard(self.train_dl, phase=self.phase, epoch=self._epochs_trained)
         self._epochs_trained += 1
-        total, count = 0.0, 0
+        # The losses add up on the device, read back once at the end of the epoch; in float64, where a
+        # float32 loss converts exactly, the sums are the ones Python floats give.
+        total, count = torch.zeros((), dtype=torch.float64, device=_sum_device(self.device)), 0
         for micro, micro_batches in _steps(self.train_dl, self.accumulate):
-            losses = self.train_step(micro_batches, micro, *rates(self.step / max(1, self.total_steps)))
+            losses = self.train_step(micro_batches, micro, *rates(self.step / max(1, self.total_steps)), on_device=True)
             step_loss = 0.0
             for loss, n in losses:
+                loss = loss.to(total.device, torch.float64)
                 step_loss += loss / micro
                 total, count = total + loss * n, count + n
             self.step, self.loss = self.step + 1, step_loss
@@ -265,7 +326,7 @@ class Learner:
         return total / max(1, count)
 
     def fine_tune(self, epochs: int | None = None, base_lr: float | Sequence[float] | None = None, *,
-                  freeze_epochs: int | None = None, lr_mult: float = 100.0) -> Learner:
+                  freeze_epochs: int | None = None, lr_mult: float = 100.0, resume: dict | None = None) -> Learner:
         """The lesson's recipe.
 
         1. Freeze the body and train the head for ``freeze_epochs`` at ``base_lr`` (one-cycle with a
@@ -280,7 +341,35 @@ class Learner:
         frozen phase on cached features takes ``"frozen_features"`` steps), except that
         ``epochs=None`` on a CPU with cached features trains the head only (see
         :meth:`auto_unfrozen_epochs`). With ``epochs=0`` the body stays frozen at the end.
+
+        ``resume`` (a checkpoint, see :mod:`imgtune.train.checkpoint`) continues a run that stopped: its
+        weights, optimizer, history and random state come back and training goes on after the last epoch
+        it saved, with its epochs and rates (``epochs`` and ``freeze_epochs`` must then agree or be ``None``).
         """
+        self.freeze()
+        if resume is not None:
+            plan = checkpoint.restore_training_state(self, resume)
+            if epochs not in (None, plan["epochs"]) or freeze_epochs not in (None, plan["freeze_epochs"]):
+                raise ImgtuneError(f"the checkpoint's run trains {plan['freeze_epochs']} frozen and {plan['epochs']}"
+                                   " unfrozen epochs; resume with the same `freeze_epochs` and `epochs`")
+            freeze_epochs, epochs = plan["freeze_epochs"], plan["epochs"]
+            head_lr, rates = plan["lr"]["frozen"], tuple(plan["lr"]["unfrozen"])
+        else:
+            freeze_epochs, epochs, head_lr, rates = self._plan(epochs, base_lr, freeze_epochs, lr_mult)
+        self.config.lr = {"frozen": head_lr, "unfrozen": list(rates)}
+        self.plan = dict(freeze_epochs=freeze_epochs, epochs=epochs, lr=dict(self.config.lr))
+        points = checkpoint.resume_points(resume, [("frozen", freeze_epochs), ("unfrozen", epochs)]) if resume else {}
+        if points.get("frozen") is not False:
+            self.fit_one_cycle(freeze_epochs, head_lr, pct_start=0.99, phase="frozen", resume=points.get("frozen"))
+        if epochs > 0:
+            self.unfreeze()
+            if points.get("unfrozen") is not False:
+                self.fit_one_cycle(epochs, rates, pct_start=0.3, div=5.0, phase="unfrozen",
+                                   resume=points.get("unfrozen"))
+        return self
+
+    def _plan(self, epochs: int | None, base_lr, freeze_epochs: int | None, lr_mult: float):
+        """``fine_tune``'s epochs and rates: ``(freeze_epochs, epochs, head_lr, (low, high))``."""
         per_epoch = self.steps_per_epoch
         if freeze_epochs is None:
             # A head step on cached features costs about a thousandth of a network step: take many.
@@ -288,19 +377,11 @@ class Learner:
             freeze_epochs = schedule.auto_epochs(per_epoch, min_steps=AUTO_STEPS[key], min_epochs=1)
         if epochs is None:
             epochs = self.auto_unfrozen_epochs()
-        self.freeze()
         if base_lr is None:
             base_lr = self.lr_find().suggested
         if isinstance(base_lr, (int, float)):
-            head_lr, rates = float(base_lr), (base_lr / 2 / lr_mult, base_lr / 2)
-        else:
-            head_lr, rates = float(base_lr[1]), (float(base_lr[0]), float(base_lr[1]))
-        self.config.lr = {"frozen": head_lr, "unfrozen": list(rates)}
-        self.fit_one_cycle(freeze_epochs, head_lr, pct_start=0.99, phase="frozen")
-        if epochs > 0:
-            self.unfreeze()
-            self.fit_one_cycle(epochs, rates, pct_start=0.3, div=5.0, phase="unfrozen")
-        return self
+            return freeze_epochs, epochs, float(base_lr), (base_lr / 2 / lr_mult, base_lr / 2)
+        return freeze_epochs, epochs, float(base_lr[1]), (float(base_lr[0]), float(base_lr[1]))
 
     def auto_unfrozen_epochs(self) -> int:
         """The unfrozen epochs ``fine_tune(epochs=None)`` trains.
@@ -332,7 +413,7 @@ class Learner:
             with head_on_features(self):
                 return self.get_preds(self.valid_dl)
         return evaluate.predict(self.model, dl, device=self.device, memory_format=self.memory_format,
-                                precision=self.precision)
+                                precision=self.precision, normalize=self.normalize)
 
     def validate(self, dl=None) -> dict[str, float]:
         """``valid_loss``, ``accuracy`` and ``error_rate`` over ``dl`` (the validation set by default)."""
@@ -347,6 +428,11 @@ class Learner:
         """Write the model bundle (``model.safetensors`` + ``model.json``) to ``run_dir``."""
         save_bundle(run_dir, model=self.model, classes=self.classes, config=dict(self.config), metrics=metrics)
         return self
+
+
+def _sum_device(device: torch.device) -> torch.device:
+    """Where float64 sums of losses are kept: on the device, except on Apple's MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def _steps(loader, accumulate: int):

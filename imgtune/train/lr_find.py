@@ -25,6 +25,11 @@ from imgtune.train.features import FeatureDataset, head_on_features
 
 #: Training features the lr finder measures its loss on when the head trains on cached features.
 PROBE_SIZE = 1024
+#: Steps between the sweep's reads of its losses on one CUDA GPU: the CPU queues that many steps ahead
+#: of the GPU, and a divergence is seen at most that many steps late (the steps past it are dropped,
+#: so the curve and the suggestion are those of a read after every step; their updates are undone
+#: with the rest). Elsewhere, and under torchrun, the losses are read after every step.
+SYNC_EVERY = 10
 
 
 @dataclass
@@ -96,7 +101,8 @@ def restored_afterwards(model: nn.Module, opt: torch.optim.Optimizer, *, scaler=
     saved_opt = copy.deepcopy(opt.state_dict())
     saved_scaler = scaler.state_dict() if scaler is not None else None
     saved_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    saved_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    # Only a CUDA that something started has a generator state; asking would start it (--device cpu).
+    saved_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     generators = [getattr(loader, "generator", None), getattr(getattr(loader, "dataset", None), "generator", None)]
     generators = [(g, g.get_state()) for g in generators if g is not None]
     try:
@@ -153,32 +159,57 @@ def _sweep(learner, start_lr: float, end_lr: float, num_steps: int, diverge: flo
     learner.should_stop = False
     lrs, losses = [], []
     learner.call("before_fit")
+    every = _read_every(learner.device)
     try:
         learner.train_mode()
-        best = math.inf
         batches = _cycle(learner.train_dl)
         probe = feature_probe(learner.train_dl, learner.device)
+        pending = []  # (rate, loss on the device) of the steps not read back yet
         for step in range(num_steps):
             lr = schedule.lr_find_lr(step, num_steps, start_lr=start_lr, end_lr=end_lr)
             micro = learner.train_step(itertools.islice(batches, learner.accumulate), learner.accumulate,
-                                       [lr] * len(learner.groups))
+                                       [lr] * len(learner.groups), on_device=True)
             loss = 0.0
-            for micro_loss, _ in micro:  # the loss of the run's effective batch
-                loss += micro_loss / learner.accumulate
+            for micro_loss, _ in micro:  # the loss of the run's effective batch, in float64 as Python's floats
+                loss += micro_loss.to(_float64_device(micro_loss), torch.float64) / learner.accumulate
             if probe is not None:
                 loss = _probe_loss(learner, *probe)
-            # Every process must take the same steps and stop at the same one: all judge the mean loss.
-            learner.step, learner.loss = step + 1, distributed.mean_across(loss)
-            lrs.append(lr)
-            losses.append(learner.loss)
+            if every == 1:
+                # Every process must take the same steps and stop at the same one: all judge the mean loss.
+                loss = distributed.mean_across(loss)
+            learner.step, learner.loss = step + 1, loss
+            pending.append((lr, loss))
             learner.call("after_batch")
-            smoothed = schedule.smooth_losses(losses, beta=schedule.LR_FIND_BETA)[-1]
-            best = min(best, smoothed)
-            if not math.isfinite(learner.loss) or (step > 10 and smoothed > diverge * best):
-                break
+            if len(pending) == every or step == num_steps - 1:
+                diverged = _read_back(pending, lrs, losses, diverge)
+                pending = []
+                if diverged:
+                    break
     finally:
         learner.call("after_fit")
     return lrs, losses, probe is not None
+
+
+def _read_back(pending: list, lrs: list[float], losses: list[float], diverge: float) -> bool:
+    """Append the ``pending`` steps' rates and losses (one read from the device) until the loss diverges:
+    not finite, or after 10 steps a smoothed loss above ``diverge`` times the best. Returns whether it did."""
+    values = torch.stack([torch.as_tensor(loss, dtype=torch.float64) for _, loss in pending]).tolist()
+    for (lr, _), value in zip(pending, values):
+        lrs.append(lr)
+        losses.append(value)
+        smoothed = schedule.smooth_losses(losses, beta=schedule.LR_FIND_BETA)
+        if not math.isfinite(value) or (len(losses) > 11 and smoothed[-1] > diverge * min(smoothed)):
+            return True
+    return False
+
+
+def _read_every(device: torch.device) -> int:
+    """Steps between reads of the sweep's losses (see :data:`SYNC_EVERY`)."""
+    return SYNC_EVERY if device.type == "cuda" and not distributed.is_initialized() else 1
+
+
+def _float64_device(tensor: torch.Tensor) -> torch.device:
+    return torch.device("cpu") if tensor.device.type == "mps" else tensor.device  # MPS has no float64
 
 
 def feature_probe(loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -198,9 +229,9 @@ def feature_probe(loader, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def _probe_loss(learner, features: torch.Tensor, targets: torch.Tensor) -> float:
+def _probe_loss(learner, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     learner.model.eval()
-    loss = learner.loss_func(learner.model(features).float(), targets).item()
+    loss = learner.loss_func(learner.model(features).float(), targets)
     learner.train_mode()
     return loss
 

@@ -199,3 +199,56 @@ def test_loader_processes_give_the_same_valid_batches(tiny_data):
         return torch.cat([images for images, _ in valid_dl])
 
     torch.testing.assert_close(valid_batch(2), valid_batch(0))
+
+
+# --- loaders for a GPU --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cores, local, cpu, cuda", [
+    (16, None, 8, 15),  # one process: at most 8 off CUDA; on CUDA every core but the training process's
+    (16, "2", 8, 7),    # torchrun, 2 processes on this machine: 8 cores each
+    (16, "4", 4, 3),
+    (2, None, 2, 1),    # this project's CI machine: 2 loader processes on the CPU, as always
+    (2, "2", 0, 0),     # one core per process: the process loads its own batches
+    (1, None, 0, 0),
+])
+def test_loader_processes_share_the_cores_among_torchrun_s_local_processes(monkeypatch, cores, local, cpu, cuda):
+    from imgtune.data import loaders
+
+    monkeypatch.setattr(loaders, "usable_cores", lambda: cores)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert loaders.default_num_workers() == loaders.default_num_workers("cpu") == cpu
+    assert loaders.default_num_workers("cuda") == loaders.default_num_workers("cuda:1") == cuda
+
+
+def test_cpu_loaders_are_unchanged_by_the_device_argument(tiny_data):
+    """``device="cpu"`` (what the learner passes) gives the loaders of old: float batches, persistent
+    workers for both, nothing pinned."""
+    for device in (None, "cpu"):
+        train_dl, valid_dl = tiny_data.loaders(size=16, bs=4, num_workers=2, device=device)
+        assert train_dl.persistent_workers and valid_dl.persistent_workers
+        assert not train_dl.pin_memory and not valid_dl.pin_memory
+        assert train_dl.dataset.transform.transforms[-1].__class__.__name__ == "Normalize"
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+def test_cuda_loaders_send_pinned_uint8_pictures_that_normalise_on_the_device_to_the_cpu_batches(tiny_data):
+    from imgtune.data.loaders import DeviceNormalize
+
+    kw = dict(size=16, bs=4, num_workers=0, mean=MEAN, std=STD, seed=5)
+    train_cpu, valid_cpu = tiny_data.loaders(**kw)
+    train_gpu, valid_gpu = tiny_data.loaders(**kw, device="cuda")
+    assert train_gpu.pin_memory and valid_gpu.pin_memory and not valid_gpu.persistent_workers
+    normalize = DeviceNormalize(MEAN, STD)
+    for cpu_dl, gpu_dl in ((valid_cpu, valid_gpu), (train_cpu, train_gpu)):
+        torch.manual_seed(0)  # the augmentation's draws
+        expected = [(x, y) for x, y in cpu_dl]
+        torch.manual_seed(0)
+        got = [(x, y) for x, y in gpu_dl]
+        assert len(got) == len(expected) > 0
+        for (x8, y8), (x, y) in zip(got, expected):
+            assert x8.dtype == torch.uint8 and torch.equal(y8, y)
+            assert torch.equal(normalize(x8), x)  # bit for bit: the same operations, in the same order

@@ -285,6 +285,8 @@ def test_lost_peer_messages_are_one_line_and_only_for_communication(monkeypatch)
     timed_out = RuntimeError("[unbound_buffer.cc:78] Timed out waiting 30000ms for recv operation to complete")
     assert "no answer within 30 s (IMGTUNE_DIST_TIMEOUT)" in distributed.lost_peer_message(timed_out)
     assert distributed.lost_peer_message(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    closed = RuntimeError("Application timeout caused pair closure")  # gloo, when a stopped peer never answers
+    assert "no answer within 30 s (IMGTUNE_DIST_TIMEOUT)" in distributed.lost_peer_message(closed)
 
 
 def test_timeout_comes_from_the_environment(monkeypatch):

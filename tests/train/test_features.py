@@ -9,13 +9,15 @@ from conftest import TINY
 from imgtune import Learner
 from imgtune.data.presize import ImageView
 from imgtune.models import create_model
-from imgtune.train.features import (
+from imgtune.train.extract import (
     FEATURE_TOLERANCE,
     FEATURE_VIEWS,
     FeatureExtractor,
+    compute_features,
+)
+from imgtune.train.features import (
     HeadOnFeatures,
     body_fingerprint,
-    compute_features,
     head_on_features,
     imagenet_features,
 )
@@ -189,3 +191,58 @@ def test_the_swap_is_undone_when_the_block_raises(tiny_learner):
     with pytest.raises(KeyError), head_on_features(tiny_learner):
         raise KeyError("boom")
     assert tiny_learner.model is model
+
+
+# --- features on a GPU: their precision and their cache folder ---------------------------------------
+
+
+def test_the_feature_cache_folder_follows_the_precision_and_keeps_its_fp32_name():
+    from imgtune.train.features import feature_store_name
+
+    fp32 = feature_store_name("abc123", "valid-224-crop", "fp32")
+    assert fp32 == "abc123-valid-224-crop"  # the name caches written before had: they stay valid
+    names = {fp32, feature_store_name("abc123", "valid-224-crop", "bf16"),
+             feature_store_name("abc123", "valid-224-crop", "fp16")}
+    assert len(names) == 3
+
+
+def test_a_cpu_learner_caches_its_features_where_it_always_did(tiny_data, tmp_path):
+    learner = Learner.from_data(tiny_data, **TINY, cache_dir=tmp_path)
+    learner.get_preds()
+    fingerprint = body_fingerprint(learner.model, learner.features.mean, learner.features.std, 32)
+    assert [p.name for p in (tmp_path / "features").iterdir()] == [f"{fingerprint}-valid-32-crop"]
+
+
+def test_an_extractor_s_precision_is_its_device_s(tiny_model):
+    kw = dict(size=32, fingerprint="f")
+    assert FeatureExtractor(tiny_model, device=torch.device("cpu"), **kw).precision == "fp32"
+    cuda = FeatureExtractor(tiny_model, device=torch.device("cuda"), precision="bf16", **kw)
+    assert (cuda.precision, cuda.backend) == ("bf16", "torch")  # no CUDA needed to say so
+
+
+def test_the_gpu_s_streamed_features_are_the_cpu_path_s(image_folder, tiny_model, tmp_path):
+    """The GPU path (loader processes, uint8 chunks normalised and mirrored on the device, lagged
+    read-back) run on the CPU: the same features as the threaded CPU path."""
+    from imgtune.train.extract import _streamed_features, _threaded_features
+
+    paths = sorted(image_folder.rglob("*.png"))[:7]
+    view = ImageView(32, cache_dir=tmp_path)
+    extractor = FeatureExtractor(tiny_model, size=32, device=torch.device("cpu"), fingerprint="f", backend="torch")
+    chunks = [[0, 1, 2], [3, 4, 5], [6]]
+    threaded = list(_threaded_features(paths, chunks, extractor, view, mean=MEAN, std=STD))
+    for workers in (0, 2):
+        streamed = list(_streamed_features(paths, chunks, extractor, view, mean=MEAN, std=STD, workers=workers))
+        assert [chunk for chunk, _ in streamed] == chunks
+        for (_, a), (_, b) in zip(streamed, threaded):
+            assert a.shape == b.shape == (len(a), FEATURE_VIEWS, tiny_model.num_features)
+            assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-6)
+
+
+def test_imagenet_features_run_where_they_are_asked_to(image_folder, tmp_path, monkeypatch):
+    paths = sorted(image_folder.rglob("*.png"))[:2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    torch.manual_seed(0)
+    default = imagenet_features(paths, arch="test_efficientnet", weights="none", size=32, cache=False)
+    torch.manual_seed(0)
+    on_cpu = imagenet_features(paths, arch="test_efficientnet", weights="none", size=32, cache=False, device="cpu")
+    assert torch.equal(default, on_cpu)
