@@ -126,3 +126,18 @@ def serve_in_thread(app):
     yield f"http://127.0.0.1:{port}/"
     server.should_exit = True
     thread.join(10)
+
+
+def http_reply(handler, status: int, body: bytes = b"", headers=(), *, length: bool = True) -> None:
+    """Answer a test server's request (a BaseHTTPRequestHandler): status, headers, an optional
+    Content-Length and the body; a client that hung up is not an error of the server's."""
+    handler.send_response(status)
+    for key, value in headers:
+        handler.send_header(key, value)
+    if length:
+        handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    try:
+        handler.wfile.write(body)
+    except (BrokenPipeError, ConnectionResetError):
+        pass

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from conftest import http_reply
 from imgtune import http_client
 from imgtune.http_client import (
     FetchError,
@@ -38,16 +39,7 @@ class Server:
                 pass
 
             def answer(self, status, body=b"", headers=(), length=True):
-                self.send_response(status)
-                for key, value in headers:
-                    self.send_header(key, value)
-                if length:
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                http_reply(self, status, body, headers, length=length)
 
             def do_GET(self):
                 path = self.path

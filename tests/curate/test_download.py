@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from conftest import noisy_image
+from conftest import http_reply, noisy_image
 from imgtune.cli import cli
 from imgtune.curate import download
 from imgtune.curate.download import MANIFEST, download_images, read_sources, safe_name
@@ -53,17 +53,7 @@ class Server:
                 pass
 
             def send(self, status, body=b"", content_type="image/jpeg", headers=(), length=True):
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                for key, value in headers:
-                    self.send_header(key, value)
-                if length:
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
+                http_reply(self, status, body, [("Content-Type", content_type), *headers], length=length)
 
             def do_GET(self):
                 with lock:
