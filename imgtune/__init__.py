@@ -78,7 +78,7 @@ _SOURCES = {
     "render_sessions": "imgtune.sequences.render",
     # The whole run `imgtune train` makes; `imgtune.train` is the subpackage, so the function gets a verb.
     "run_training": "imgtune.train.run:train",
-    "set_seed": "imgtune.train.learner",
+    "set_seed": "imgtune.train.build",
 }
 
 

@@ -13,42 +13,23 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import random
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from imgtune.data import shards
-from imgtune.data.loaders import DeviceNormalize, ImageData
-from imgtune.deploy.bundle import META_FILE, save_bundle
+from imgtune.data.loaders import ImageData
+from imgtune.deploy.bundle import save_bundle
 from imgtune.errors import ImgtuneError
-from imgtune.models import DEFAULT_ARCH, IMAGENET, NO_WEIGHTS, create_model, get_backbone, layer_groups
-from imgtune.train import checkpoint, distributed, evaluate, freezing, schedule
-from imgtune.train.callbacks import History, ProgressCallback
-from imgtune.train.config import TrainConfig, read_training_config
-from imgtune.train.defaults import AUTO_STEPS
-from imgtune.train.device import (
-    Precision,
-    adamw,
-    configure_cuda,
-    default_batch_size,
-    default_device,
-    out_of_memory_error,
-    to_device,
-)
+from imgtune.models import DEFAULT_ARCH, IMAGENET
+from imgtune.train import build, checkpoint, distributed, evaluate, freezing, schedule
+from imgtune.train.callbacks import History
+from imgtune.train.config import TrainConfig
+from imgtune.train.device import Precision, adamw, configure_cuda, default_device, out_of_memory_error, to_device
 from imgtune.train.features import FeatureSource, HeadOnFeatures, head_on_features, supports_features
 from imgtune.train.lr_find import LRFinderResult, find_lr
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch so a CPU run repeats exactly."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Learner:
@@ -136,37 +117,10 @@ class Learner:
             cache_dir: the cache folder (default ``$IMGTUNE_CACHE`` or ``~/.cache/imgtune``).
             kwargs: the other options of :class:`Learner` (``bn_stats``, ``accumulate``, ...).
         """
-        backbone = get_backbone(arch)
-        size = size or backbone.size
-        if weights is not None and (Path(weights) / META_FILE).is_file():
-            read_training_config(weights)  # a run folder: a damaged bundle fails here, naming its model.json
-        if "bn_stats" not in kwargs:
-            # Pretrained statistics are worth keeping; a randomly initialised network has none yet.
-            no_weights = weights is None or str(weights).lower() == NO_WEIGHTS
-            kwargs["bn_stats"] = "train" if no_weights else "frozen"
-        set_seed(seed)
-        model = create_model(arch, len(data.classes), weights=weights)
-        mean, std = backbone.mean, backbone.std
-        device = torch.device(device) if device else default_device()
-        if bs is None:
-            bs = default_batch_size(device, size=size, train_images=len(data.train) // distributed.world_size())
-        train_dl, valid_dl = data.loaders(size=size, resize=resize, mean=mean, std=std, bs=bs, augment=augment,
-                                          num_workers=num_workers, seed=seed, pin_memory=device.type == "cuda",
-                                          cache=cache, cache_dir=cache_dir, device=device)
-        if device.type == "cuda":  # its loaders send uint8 pictures
-            kwargs.setdefault("normalize", DeviceNormalize(mean, std))
-        config = TrainConfig(arch=arch, timm_name=backbone.timm_name, weights=str(weights), size=size, resize=resize,
-                             mean=list(mean), std=list(std), bs=bs, augment=augment, seed=seed)
-        callbacks = ([ProgressCallback()] if progress else []) + list(callbacks)
-        features = None
-        if feature_cache:
-            features = FeatureSource.from_loaders(train_dl, valid_dl, seed=seed, mean=mean, std=std, size=size,
-                                                  cache=cache, cache_dir=cache_dir, augment=augment)
-        learner = cls(model, train_dl, valid_dl, classes=data.classes,
-                      groups=layer_groups(model, backbone.body_groups), device=device, callbacks=callbacks,
-                      config=config, features=features, **kwargs)
-        learner.freeze()
-        return learner
+        return build.from_data(cls, data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
+                               num_workers=num_workers, seed=seed, device=device, progress=progress,
+                               callbacks=callbacks, feature_cache=feature_cache, cache=cache, cache_dir=cache_dir,
+                               **kwargs)
 
     # --- freezing ---------------------------------------------------------------------------------
 
@@ -355,7 +309,7 @@ class Learner:
             freeze_epochs, epochs = plan["freeze_epochs"], plan["epochs"]
             head_lr, rates = plan["lr"]["frozen"], tuple(plan["lr"]["unfrozen"])
         else:
-            freeze_epochs, epochs, head_lr, rates = self._plan(epochs, base_lr, freeze_epochs, lr_mult)
+            freeze_epochs, epochs, head_lr, rates = build.plan(self, epochs, base_lr, freeze_epochs, lr_mult)
         self.config.lr = {"frozen": head_lr, "unfrozen": list(rates)}
         self.plan = dict(freeze_epochs=freeze_epochs, epochs=epochs, lr=dict(self.config.lr))
         points = checkpoint.resume_points(resume, [("frozen", freeze_epochs), ("unfrozen", epochs)]) if resume else {}
@@ -368,33 +322,9 @@ class Learner:
                                    resume=points.get("unfrozen"))
         return self
 
-    def _plan(self, epochs: int | None, base_lr, freeze_epochs: int | None, lr_mult: float):
-        """``fine_tune``'s epochs and rates: ``(freeze_epochs, epochs, head_lr, (low, high))``."""
-        per_epoch = self.steps_per_epoch
-        if freeze_epochs is None:
-            # A head step on cached features costs about a thousandth of a network step: take many.
-            key = "frozen_features" if self.features is not None and not distributed.is_initialized() else "frozen"
-            freeze_epochs = schedule.auto_epochs(per_epoch, min_steps=AUTO_STEPS[key], min_epochs=1)
-        if epochs is None:
-            epochs = self.auto_unfrozen_epochs()
-        if base_lr is None:
-            base_lr = self.lr_find().suggested
-        if isinstance(base_lr, (int, float)):
-            return freeze_epochs, epochs, float(base_lr), (base_lr / 2 / lr_mult, base_lr / 2)
-        return freeze_epochs, epochs, float(base_lr[1]), (float(base_lr[0]), float(base_lr[1]))
-
     def auto_unfrozen_epochs(self) -> int:
-        """The unfrozen epochs ``fine_tune(epochs=None)`` trains.
-
-        On a GPU (or without cached features): enough epochs for ``AUTO_STEPS["unfrozen"]`` steps,
-        at least 2. On a CPU with cached features: 0, the head only. There a step of the whole
-        network costs about a thousand head steps on cached features, and with ImageNet features the
-        head alone is as accurate on small datasets (the pets sample: 87.6% head only in 223 s, 84.3%
-        fine-tuned in 426 s); pass ``epochs`` to fine-tune the body anyway.
-        """
-        if self.device.type == "cpu" and self.features is not None and not distributed.is_initialized():
-            return 0
-        return schedule.auto_epochs(self.steps_per_epoch, min_steps=AUTO_STEPS["unfrozen"], min_epochs=2)
+        """The unfrozen epochs ``fine_tune(epochs=None)`` trains (see :func:`imgtune.train.build.auto_unfrozen_epochs`)."""
+        return build.auto_unfrozen_epochs(self)
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_steps: int = 100,
                 diverge: float = 4.0) -> LRFinderResult:
