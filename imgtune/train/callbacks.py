@@ -49,7 +49,7 @@ class ProgressCallback:
         self.interval = interval
         self.bar = bar
         self._pbar = None
-        self._last_print = 0.0
+        self._last_print = self._last_loss = 0.0
 
     @property
     def _out(self) -> TextIO:
@@ -67,11 +67,14 @@ class ProgressCallback:
             self._write(f"{learner.phase}: {learner.total_steps} steps{resumed}")
 
     def after_batch(self, learner) -> None:
+        now = time.monotonic()
         if self._pbar is not None:
             self._pbar.update(1)
-            self._pbar.set_postfix(loss=f"{learner.loss:.4f}", refresh=False)
+            # Reading the loss waits for the GPU to finish the step: do it twice a second, not every step.
+            if now - self._last_loss >= 0.5 or learner.step >= learner.total_steps:
+                self._last_loss = now
+                self._pbar.set_postfix(loss=f"{learner.loss:.4f}", refresh=False)
             return
-        now = time.monotonic()
         if now - self._last_print >= self.interval:
             self._last_print = now
             pct = 100 * learner.step / max(1, learner.total_steps)

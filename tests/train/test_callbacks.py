@@ -181,6 +181,28 @@ def test_progress_with_a_bar_uses_tqdm():
     assert "fit: step" not in out
 
 
+class CountedLoss(SimpleNamespace):
+    """A dummy learner whose ``loss`` counts its reads (on a GPU each read waits for the step)."""
+
+    reads = 0
+
+    @property
+    def loss(self):
+        type(self).reads += 1
+        return 0.5
+
+
+def test_a_progress_bar_reads_the_loss_twice_a_second_at_most_not_every_step():
+    callback = ProgressCallback(io.StringIO(), bar=True)
+    learner = CountedLoss(phase="frozen", step=0, total_steps=200, epoch=1, epochs=1)
+    callback.before_fit(learner)
+    for step in range(1, 201):  # 200 steps in far less than half a second
+        learner.step = step
+        callback.after_batch(learner)
+    assert CountedLoss.reads == 2  # the first step and the last
+    callback.after_fit(learner)
+
+
 @pytest.mark.parametrize("bar", [True, False])
 def test_progress_survives_an_lr_find_without_epochs(bar):
     stream = io.StringIO()
