@@ -141,3 +141,29 @@ def http_reply(handler, status: int, body: bytes = b"", headers=(), *, length: b
         handler.wfile.write(body)
     except (BrokenPipeError, ConnectionResetError):
         pass
+
+
+def http_trickle(handler, length: int, every: float = 0.1) -> None:
+    """Answer 200 with ``length`` bytes sent one at a time, ``every`` seconds apart: a server that is
+    never quiet for a whole timeout, yet never done (until the client gives up)."""
+    import time
+
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+    for _ in range(length):
+        try:
+            handler.wfile.write(b"x")
+            handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        time.sleep(every)
+
+
+def watch_page(page, errors: list, requests: list | None = None) -> None:
+    """Collect a browser page's console errors and uncaught exceptions into ``errors`` (and the URL of
+    every request it makes into ``requests``)."""
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    if requests is not None:
+        page.on("request", lambda r: requests.append(r.url))

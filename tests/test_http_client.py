@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import http_reply
+from conftest import http_reply, http_trickle
 from imgtune import http_client
 from imgtune.http_client import (
     FetchError,
@@ -84,16 +84,7 @@ class Server:
                     self.close_connection = True
                     self.answer(200, BODY, length=False)
                 elif path == "/trickle":  # 1 byte every 0.1 s: never quiet for a whole timeout
-                    self.send_response(200)
-                    self.send_header("Content-Length", "200")
-                    self.end_headers()
-                    for _ in range(200):
-                        try:
-                            self.wfile.write(b"x")
-                            self.wfile.flush()
-                        except (BrokenPipeError, ConnectionResetError):
-                            return
-                        time.sleep(0.1)
+                    http_trickle(self, 200)
                 elif path == "/caf%C3%A9":  # what a client sends for /café
                     self.answer(200, BODY)
                 elif path == "/to-utf8":  # a Location in raw UTF-8, which http.client reads as Latin-1

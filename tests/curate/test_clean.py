@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COLOURS, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread
+from conftest import COLOURS, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread, watch_page
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -225,8 +225,7 @@ def test_the_page_in_a_real_browser(served, data, tmp_path):
         browser = launch_chromium(p, executable)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            watch_page(page, errors)
             page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
             page.goto(served)
             page.wait_for_selector(".card")

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from conftest import http_reply, noisy_image
+from conftest import http_reply, http_trickle, noisy_image
 from imgtune.cli import cli
 from imgtune.curate import download
 from imgtune.curate.download import MANIFEST, download_images, read_sources, safe_name
@@ -87,16 +87,7 @@ class Server:
                 elif path == "/fake.jpg":
                     self.send(200, b"<html><body>a login page</body></html>", "image/jpeg")
                 elif path == "/trickle.jpg":  # 1 byte every 0.1 s: never quiet for a whole timeout
-                    self.send_response(200)
-                    self.send_header("Content-Length", "300")
-                    self.end_headers()
-                    for _ in range(300):
-                        try:
-                            self.wfile.write(b"x")
-                            self.wfile.flush()
-                        except (BrokenPipeError, ConnectionResetError):
-                            return
-                        time.sleep(0.1)
+                    http_trickle(self, 300)
                 elif path == "/caf%C3%A9.jpg":  # what a client sends for /café.jpg
                     self.send(200, encoded((120, 60, 30), 12))
                 elif path == urllib.parse.quote(f"/{LONG}.jpg"):

@@ -11,7 +11,7 @@ import jinja2
 import pytest
 from PIL import Image
 
-from conftest import chromium_or_skip, launch_chromium, make_class_folders
+from conftest import chromium_or_skip, launch_chromium, make_class_folders, watch_page
 from imgtune.train.run import train
 
 SECTIONS = ["Result", "Data", "Training images as the model sees them", "Learning-rate finder", "Training",
@@ -62,9 +62,7 @@ def test_report_in_a_real_browser(run_dir, width, height, name):
         browser = launch_chromium(p, chromium_or_skip())
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
+            watch_page(page, errors, requests)
             page.goto((run_dir / "report.html").as_uri())
             headings = page.locator("h2").all_inner_texts()
             widths = page.evaluate("() => Array.from(document.images).map(i => i.naturalWidth)")
@@ -164,9 +162,7 @@ def test_a_hostile_report_in_a_real_browser(tmp_path):
         browser = launch_chromium(p, chromium_or_skip())
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
+            watch_page(page, errors, requests)
             page.goto((tmp_path / "run" / "report.html").as_uri())
             injected = page.locator('b, i, script, img:not([src^="data:"])').count()
             first_column = page.locator("table").first.locator("tr td:first-child").all_inner_texts()

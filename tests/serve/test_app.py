@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread
+from conftest import COLOURS, TINY, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread, watch_page
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -366,9 +366,7 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         browser = launch_chromium(p, executable)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
+            watch_page(page, errors, requests)
             page.goto(server)
             about = page.locator("#about").inner_text()
             page.set_input_files("#file", str(picture))
@@ -459,9 +457,7 @@ def test_hostile_class_names_in_a_real_browser(hostile_server, tmp_path):
         browser = launch_chromium(p, executable)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
+            watch_page(page, errors, requests)
             page.goto(hostile_server)
             name, about = page.locator("#name").inner_text(), page.locator("#about").inner_text()
             page.set_input_files("#file", str(picture))
