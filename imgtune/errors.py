@@ -27,3 +27,10 @@ def first_line(error: BaseException) -> str:
     one-line error shows of an exception raised by another library."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def describe(error: BaseException, limit: int = 150) -> str:
+    """``"Type: first line"`` of an exception from another library (at most ``limit`` characters of the
+    line): how a one-line error names the cause it wraps."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {first_line(error)[:limit]}" if text else type(error).__name__

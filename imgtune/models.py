@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from imgtune.errors import ImgtuneError
+from imgtune.errors import ImgtuneError, describe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -189,7 +189,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ImgtuneError(f"{path}: cannot read weights ({type(error).__name__}: {str(error)[:120]})") from None
+        raise ImgtuneError(f"{path}: cannot read weights ({describe(error, 120)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -21,7 +21,7 @@ from pathlib import Path
 import timm
 import torch
 
-from imgtune.errors import ImgtuneError
+from imgtune.errors import ImgtuneError, describe
 from imgtune.files import atomic_write
 
 BUNDLE_FORMAT = 1
@@ -133,7 +133,7 @@ def load_model(run_dir: Path, meta: dict) -> torch.nn.Module:
         model = timm.create_model(meta["timm_name"], pretrained=False, num_classes=meta["num_classes"])
         model.load_state_dict(load(data))
     except Exception as error:
-        raise ImgtuneError(f"{run_dir}: cannot load the bundle ({type(error).__name__}: {str(error)[:150]})") from None
+        raise ImgtuneError(f"{run_dir}: cannot load the bundle ({describe(error)})") from None
     return model.eval()
 
 

@@ -15,7 +15,7 @@ from imgtune.data.images import load_image, to_rgb
 from imgtune.data.transforms import valid_transform
 from imgtune.deploy.bundle import ONNX_FILE, WEIGHTS_FILE, check_weights, load_model, read_meta, weights_sha256
 from imgtune.deploy.export import import_onnx
-from imgtune.errors import ImgtuneError
+from imgtune.errors import ImgtuneError, describe
 
 
 @dataclass
@@ -142,7 +142,7 @@ class OnnxPredictor(_ImagePredictor):
         try:
             session = ort.InferenceSession(str(path), providers=providers)
         except Exception as error:
-            raise ImgtuneError(f"{path}: cannot load ({type(error).__name__}: {str(error)[:150]})") from None
+            raise ImgtuneError(f"{path}: cannot load ({describe(error)})") from None
         sha256 = weights_sha256(run_dir)
         check_weights(run_dir, meta, sha256)  # model.json (classes, preprocessing) belongs to these weights
         if session.get_modelmeta().custom_metadata_map.get("weights_sha256") != sha256:

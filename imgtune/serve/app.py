@@ -44,7 +44,7 @@ from typing import BinaryIO
 import jinja2
 from PIL import Image
 
-from imgtune.errors import ImgtuneError, first_line
+from imgtune.errors import ImgtuneError, describe
 from imgtune.serve.uploads import (
     MAX_BYTES,
     MAX_PIXELS,
@@ -241,8 +241,7 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         except RequestError:
             raise
         except Exception as error:  # never a 5xx with a traceback: the image is what made it fail
-            raise RequestError(400, f"cannot classify this image ({type(error).__name__}: "
-                                    f"{first_line(error)[:150]})") from None
+            raise RequestError(400, f"cannot classify this image ({describe(error)})") from None
 
     return app
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from imgtune.deploy.bundle import META_FILE
-from imgtune.errors import ImgtuneError
+from imgtune.errors import ImgtuneError, describe
 from imgtune.files import atomic_writer
 from imgtune.train import distributed
 from imgtune.train.features import HeadOnFeatures
@@ -131,7 +131,7 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ImgtuneError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {str(error)[:150]})") from None
+        raise ImgtuneError(f"{path}: cannot read the checkpoint ({describe(error)})") from None
     if not isinstance(state, dict) or "position" not in state or "random" not in state:
         raise ImgtuneError(f"{path}: not a checkpoint imgtune wrote")
     if state.get("format", 0) > CHECKPOINT_FORMAT:

@@ -22,7 +22,7 @@ from imgtune.data.loaders import ImageData, load_data
 from imgtune.data.presize import ImageView
 from imgtune.data.sources import EMPTY_CLASS_FOLDER
 from imgtune.deploy.bundle import META_FILE, WEIGHTS_FILE, versions
-from imgtune.errors import ImgtuneError
+from imgtune.errors import ImgtuneError, describe
 from imgtune.files import atomic_write
 from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
 from imgtune.train import distributed
@@ -273,11 +273,6 @@ def metrics_json(metrics: dict) -> str:
     return json.dumps(metrics, indent=2, default=float) + "\n"
 
 
-def write_json(path: Path, value: dict) -> None:
-    """Write ``value`` as indented JSON to ``path``, atomically."""
-    atomic_write(path, metrics_json(value))
-
-
 def _report_or_warn(learner: Learner, folder: RunFolder | None, metrics: dict, finder: LRFinderResult | None) -> None:
     """Write the report; one that fails (a figure matplotlib cannot draw, say) is a warning line and
     ``metrics["report_error"]``: the bundle and metrics are already saved. The files the report wrote
@@ -287,7 +282,7 @@ def _report_or_warn(learner: Learner, folder: RunFolder | None, metrics: dict, f
     try:
         _report(learner, folder.path if folder is not None else None, metrics, finder)
     except Exception as error:  # noqa: BLE001 - whatever the report hits, the trained model stands
-        metrics["report_error"] = _one_line(error)
+        metrics["report_error"] = describe(error, 200)
         if folder is not None:
             print(f"warning: report.html not written ({metrics['report_error']}); the model and metrics are saved",
                   file=sys.stderr, flush=True)
@@ -302,11 +297,6 @@ def _report_or_warn(learner: Learner, folder: RunFolder | None, metrics: dict, f
 
 def _file_stamps(path: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file()}
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
 def _report(learner: Learner, run_dir: Path | None, metrics: dict, finder: LRFinderResult | None) -> None:
