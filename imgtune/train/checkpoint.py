@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from imgtune.deploy.bundle import META_FILE
 from imgtune.errors import ImgtuneError, describe
 from imgtune.files import atomic_writer
-from imgtune.train import distributed
+from imgtune.train import distributed, rng
 from imgtune.train.features import HeadOnFeatures
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -44,22 +42,7 @@ CHECKPOINT_FORMAT = 1
 
 def random_state(learner) -> dict:
     """Every random state the rest of ``learner``'s training draws from (see the module's docstring)."""
-    loader = learner.train_dl
-    generators = {}
-    for key, owner in (("loader", loader), ("dataset", getattr(loader, "dataset", None))):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator):
-            generators[key] = generator.get_state()
-    version, internal, gauss = random.getstate()
-    kind, keys, position, has_gauss, cached = np.random.get_state()
-    return dict(
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        python=[version, list(internal), gauss],
-        numpy=[kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
-        generators=generators,
-        on_features=isinstance(learner.model, HeadOnFeatures),
-    )
+    return dict(rng.capture(learner.train_dl), on_features=isinstance(learner.model, HeadOnFeatures))
 
 
 def restore_random_state(learner, state: Mapping) -> None:
@@ -67,20 +50,8 @@ def restore_random_state(learner, state: Mapping) -> None:
     the same kind of loader as when it was saved (cached features or images): after a checkpoint at
     the end of the frozen phase on features, the image loader of the unfrozen phase was never drawn
     from, and keeps the state it was made with."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
-    if state["on_features"] != isinstance(learner.model, HeadOnFeatures):
-        return
-    loader = learner.train_dl
-    for key, owner in (("loader", loader), ("dataset", getattr(loader, "dataset", None))):
-        generator = getattr(owner, "generator", None)
-        if key in state["generators"] and isinstance(generator, torch.Generator):
-            generator.set_state(state["generators"][key])
+    same_loader = state["on_features"] == isinstance(learner.model, HeadOnFeatures)
+    rng.restore(state, learner.train_dl if same_loader else None)
 
 
 # --- the checkpoint -----------------------------------------------------------------------------------

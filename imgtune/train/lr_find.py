@@ -11,16 +11,14 @@ import contextlib
 import copy
 import itertools
 import math
-import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from imgtune.errors import ImgtuneError
-from imgtune.train import distributed, schedule
+from imgtune.train import distributed, rng, schedule
 from imgtune.train.features import FeatureDataset, head_on_features
 
 #: Training features the lr finder measures its loss on when the head trains on cached features.
@@ -100,11 +98,7 @@ def restored_afterwards(model: nn.Module, opt: torch.optim.Optimizer, *, scaler=
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     saved_scaler = scaler.state_dict() if scaler is not None else None
-    saved_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    # Only a CUDA that something started has a generator state; asking would start it (--device cpu).
-    saved_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    generators = [getattr(loader, "generator", None), getattr(getattr(loader, "dataset", None), "generator", None)]
-    generators = [(g, g.get_state()) for g in generators if g is not None]
+    saved_rng = rng.capture(loader)
     try:
         yield
     finally:
@@ -112,13 +106,7 @@ def restored_afterwards(model: nn.Module, opt: torch.optim.Optimizer, *, scaler=
         opt.load_state_dict(saved_opt)
         if saved_scaler is not None:
             scaler.load_state_dict(saved_scaler)
-        torch.set_rng_state(saved_rng[0])
-        random.setstate(saved_rng[1])
-        np.random.set_state(saved_rng[2])
-        if saved_cuda is not None:
-            torch.cuda.set_rng_state_all(saved_cuda)
-        for generator, state in generators:
-            generator.set_state(state)
+        rng.restore(saved_rng, loader)
         opt.zero_grad(set_to_none=True)
 
 
