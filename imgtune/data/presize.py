@@ -42,15 +42,26 @@ class ImageView:
 
     def __call__(self, path: str | Path) -> Image.Image:
         """The presized picture of the file at ``path`` (from the cache when there)."""
-        if self.store is not None:
-            key = file_key(path)
+        if self.store is None:
+            return self.make(load_image(path, min_size=self.min_side))
+        return _from_array(self.array(path))
+
+    def array(self, path: str | Path) -> np.ndarray:
+        """The presized picture of the file at ``path`` as uint8 H x W x C, C being 3, or 1 for a grey
+        picture (as cached; from the cache when there). No PIL image outlives the call: the feature
+        extractor copies this straight into its batch buffer."""
+        key = file_key(path) if self.store is not None else None
+        if key is not None:
             cached = self.store.get(key)
             if cached is not None:
-                return _from_array(cached)
-            picture = self.make(load_image(path, min_size=self.min_side))
-            self.store.put(key, _to_array(picture))
-            return picture
-        return self.make(load_image(path, min_size=self.min_side))
+                return cached
+        with load_image(path, min_size=self.min_side) as image:
+            picture = self.make(image)
+            array = _to_array(picture)
+            picture.close()
+        if key is not None:
+            self.store.put(key, array)
+        return array
 
     def ensure(self, path: str | Path, *, max_pixels: int = MAX_PIXELS) -> None:
         """Make sure the file's picture is cached, decoding it only if it is not (raises
@@ -63,7 +74,10 @@ class ImageView:
         except OSError:
             raise UnreadableImageError(f"{path}: no such file", "missing") from None
         if key not in self.store:
-            self.store.put(key, _to_array(self.make(load_image(path, min_size=self.min_side, max_pixels=max_pixels))))
+            with load_image(path, min_size=self.min_side, max_pixels=max_pixels) as image:
+                picture = self.make(image)
+                self.store.put(key, _to_array(picture))
+                picture.close()  # its pixels now, not whenever the garbage collector gets to them
 
     def make(self, image: Image.Image) -> Image.Image:
         """The presized picture of a decoded ``image`` (see the class docstring)."""
@@ -79,7 +93,7 @@ def _to_array(picture: Image.Image) -> np.ndarray:
     """H x W x 3, or H x W x 1 for a grey picture (a third of the disk)."""
     array = np.asarray(picture)
     if (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
-        return array[..., :1]
+        return array[..., :1].copy()  # not a view that keeps the three channels alive
     return array
 
 

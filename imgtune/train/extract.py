@@ -2,10 +2,11 @@
 
 On the CPU the body runs on ONNX Runtime when it is installed (2-4x faster than PyTorch eager for
 these networks), after checking that its features match PyTorch's within :data:`FEATURE_TOLERANCE`;
-the next batch's pictures load in a thread meanwhile. On a GPU it runs in PyTorch at the learner's
-precision (bf16 or fp16), on batches of :data:`GPU_BATCH` pictures that loader processes decode into
-pinned memory, normalised and mirrored on the GPU, the features read back one batch late so that
-the GPU never waits for the CPU. :mod:`imgtune.train.features` caches them and trains the head on them.
+the next batch's pictures load in a thread meanwhile, into one of two preallocated batch buffers, so
+that memory is that of two batches whatever the number of images (see :func:`_threaded_features`).
+On a GPU it runs in PyTorch at the learner's precision (bf16 or fp16), on batches of
+:data:`GPU_BATCH` pictures that loader processes decode into pinned memory, normalised and mirrored
+on the GPU, the features read back one batch late so that the GPU never waits for the CPU. :mod:`imgtune.train.features` caches them and trains the head on them.
 """
 
 from __future__ import annotations
@@ -100,15 +101,17 @@ class FeatureExtractor:
         return self.on_device(images).cpu()
 
     def _onnx(self, images: torch.Tensor) -> torch.Tensor:
-        (features,) = self.session.run(None, {"images": images.contiguous().numpy().astype(np.float32)})
+        # No copy of a contiguous float32 batch (astype would make one per call).
+        batch = np.ascontiguousarray(images.contiguous().numpy(), dtype=np.float32)
+        (features,) = self.session.run(None, {"images": batch})
         return torch.from_numpy(features)
 
     def _session(self):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
+        from imgtune.deploy.onnx_session import session_options
+
+        options = session_options(threads=torch.get_num_threads())
         if self.cache_dir is False:  # nothing on disk: the graph stays in memory
             model = _export_body(self.body, self.size)
         else:
@@ -170,13 +173,11 @@ def compute_features(
     """
     started = time.perf_counter()
     keys = [file_key(path) for path in paths]
-    found: dict[int, np.ndarray] = {}
-    if store is not None:
-        for index, key in enumerate(keys):
-            array = store.get(key)
-            if array is not None and array.shape[0] == FEATURE_VIEWS:
-                found[index] = array
-    missing = [i for i in range(len(paths)) if i not in found]
+    table = _FeatureTable(len(paths))
+    missing = []
+    for index, key in enumerate(keys):
+        if not table.put(index, store.get(key) if store is not None else None):
+            missing.append(index)
     streamed = extractor.backend == "torch" and extractor.device.type != "cpu"
     batch_size = batch_size or (GPU_BATCH if streamed else CPU_BATCH)
     if missing and progress is not None:
@@ -188,33 +189,101 @@ def compute_features(
         batches = _threaded_features(paths, chunks, extractor, view, mean=mean, std=std)
     for number, (chunk, features) in enumerate(batches):
         for index, array in zip(chunk, features):
-            found[index] = array
+            table.put(index, array, computed=True)
             if store is not None:
                 store.put(keys[index], array)
         if progress is not None:
             progress(min((number + 1) * batch_size, len(missing)), len(missing))
-    stacked = torch.from_numpy(np.stack([found[i] for i in range(len(paths))])) if paths else torch.empty(0, FEATURE_VIEWS, 0)
     stats = dict(cached=len(paths) - len(missing), computed=len(missing), seconds=time.perf_counter() - started)
-    return stacked, stats
+    return table.tensor(), stats
+
+
+class _FeatureTable:
+    """The features of a whole set in one (N, views, F) float32 array, allocated once F is known.
+
+    Each batch's (and each cached entry's) features are copied in and not kept: the arrays that come
+    out of the body are freed at once, instead of the whole set's small arrays staying scattered
+    among the per-batch buffers, which kept the C allocator from reusing or returning their memory.
+    """
+
+    def __init__(self, count: int):
+        self.count, self.array = count, None
+
+    def put(self, index: int, features: np.ndarray | None, *, computed: bool = False) -> bool:
+        """Copy ``features`` (views, F) into row ``index``; ``False`` for a missing or misshapen cached entry."""
+        if features is None or features.ndim != 2 or features.shape[0] != FEATURE_VIEWS:
+            if computed:
+                raise ValueError(f"features of shape {getattr(features, 'shape', None)}, not ({FEATURE_VIEWS}, F)")
+            return False
+        if self.array is None:
+            self.array = np.empty((self.count, FEATURE_VIEWS, features.shape[1]), np.float32)
+        elif features.shape[1] != self.array.shape[2]:
+            if computed:
+                raise ValueError(f"features of width {features.shape[1]}, not {self.array.shape[2]}")
+            return False
+        self.array[index] = features
+        return True
+
+    def tensor(self) -> torch.Tensor:
+        if self.array is None:
+            return torch.empty(self.count, FEATURE_VIEWS, 0)
+        return torch.from_numpy(self.array)
 
 
 def _threaded_features(paths, chunks: list[list[int]], extractor: FeatureExtractor, view: ImageView, *, mean, std):
-    """``(chunk, features (len(chunk), views, F) as NumPy)`` per chunk, for the CPU: the next chunk's
-    pictures load in a thread while the body runs on this one (ONNX Runtime and PyTorch release the
-    GIL), so loading costs no wall time once the presize cache is warm."""
-    to_tensor = tensor_transform(mean, std)
+    """``(chunk, features (len(chunk), views, F) as NumPy)`` per chunk, for the CPU, from
+    :func:`picture_batches`. The features yielded are a view of the body's output: copy them before
+    the next batch."""
+    for chunk, images in picture_batches(paths, chunks, view, mean=mean, std=std):
+        yield chunk, extractor(images).reshape(FEATURE_VIEWS, len(chunk), -1).transpose(0, 1).numpy()
 
-    def load(chunk: list[int]) -> torch.Tensor:
-        return torch.stack([to_tensor(view(paths[i])) for i in chunk])
+
+def picture_batches(paths, chunks: list[list[int]], view: ImageView, *, mean, std):
+    """``(chunk, images)`` per chunk: the chunk's normalised pictures, then their mirror images
+    (view-major, ``(2 * len(chunk), 3, size, size)`` float32), for a network on the CPU. The next
+    chunk's pictures load in a thread while the caller runs the network on this one (ONNX Runtime and
+    PyTorch release the GIL), so loading costs no wall time once the presize cache is warm.
+
+    Memory stays that of two batches, whatever the number of images: the pictures go straight from
+    their cached uint8 arrays into one of two float32 buffers allocated here (the thread fills one
+    while the caller reads the other), are mirrored there and normalised in place; no per-picture
+    tensor or PIL image is made, and nothing allocated in the thread is freed by the caller's. The
+    images yielded are overwritten two chunks later: use them before asking for the next one.
+    """
+    if not chunks:
+        return
+    longest = max(len(chunk) for chunk in chunks)
+    buffers = [np.empty((FEATURE_VIEWS * longest, 3, view.size, view.size), np.float32) for _ in range(2)]
+    normalize = _InPlaceNormalize(mean, std)
+
+    def load(chunk: list[int], buffer: np.ndarray) -> torch.Tensor:
+        for slot, index in enumerate(chunk):
+            picture = view.array(paths[index]).transpose(2, 0, 1)  # C x H x W, C = 1 (grey) or 3
+            if picture.shape[1:] != buffer.shape[2:]:
+                raise ValueError(f"{paths[index]}: presized to {picture.shape[1:]}, not {buffer.shape[2:]}")
+            np.copyto(buffer[slot], picture)  # a grey picture fills the three channels
+            np.copyto(buffer[len(chunk) + slot], picture[..., ::-1])  # its mirror image
+        return normalize(torch.from_numpy(buffer[: FEATURE_VIEWS * len(chunk)]))
 
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, chunks[0]) if chunks else None
+        pending = pool.submit(load, chunks[0], buffers[0])
         for number, chunk in enumerate(chunks):
-            images = pending.result()
-            if number + 1 < len(chunks):
-                pending = pool.submit(load, chunks[number + 1])
-            batch = torch.cat([images, images.flip(-1)])  # the views of the chunk, view-major
-            yield chunk, extractor(batch).reshape(FEATURE_VIEWS, len(chunk), -1).transpose(0, 1).numpy()
+            images = pending.result()  # view-major: the pictures, then their mirrors
+            if number + 1 < len(chunks):  # into the other buffer, which the caller is done with
+                pending = pool.submit(load, chunks[number + 1], buffers[(number + 1) % 2])
+            yield chunk, images
+
+
+class _InPlaceNormalize:
+    """Pixel values 0..255 (as float32) to ``(x / 255 - mean) / std`` in place: torchvision's ToDtype
+    (scale) and Normalize, operation for operation, so the results are bit for bit theirs."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
 
 class _Pictures(Dataset):
