@@ -3,6 +3,7 @@
     python bench/speed.py                       # both parts, elpv and the pets sample
     python bench/speed.py throughput            # forward / training / inference / loading images/s
     python bench/speed.py tta --data pets       # time to accuracy on the pets sample only
+    python bench/speed.py deploy --runs runs/pets runs/elpv   # predictors: eager, ONNX fp32, int8
 
 ``throughput`` (EfficientNet-Lite0, 224 px, batch 32, random weights and inputs unless stated):
 backbone features with PyTorch eager (NCHW), channels_last and ONNX Runtime, with their largest difference
@@ -12,6 +13,14 @@ excluded) and from image files (loading included); loading images from files vs 
 one frozen-phase epoch with cached features vs the body recomputed.
 
 ``compile``: torch.compile (inductor) against eager, forward only.
+
+``deploy``: the predictors side by side on one batch of 32 pets pictures: PyTorch eager, ONNX Runtime
+float32 and int8 (``imgtune.deploy.quantize``), ONNX Runtime's session options (imgtune's against its
+defaults, spinning threads or not, outputs bound to pre-allocated buffers), ``predict_files`` on a folder
+(the next batch decoded in a thread) against ``predict`` (decoding, then the model), and, for each run
+folder of ``--runs`` (trained with ``imgtune train``), int8's accuracy against float32 on the run's
+validation images (``write_int8_onnx``). Targets: int8 >= 6x eager, within 1 point of float32, >= 100
+images/s from files.
 
 ``tta`` (time to accuracy): imgtune's defaults (``imgtune.train``, a cold cache, then the same run
 again with the cache warm) and the reference loop of ``bench/reference.py`` on the same backbone,
@@ -222,6 +231,86 @@ def loading_and_inference(args, model, backbone) -> dict:
     return out
 
 
+def deploy(args) -> dict:
+    """The predictors side by side (see the module's docstring)."""
+    from imgtune.deploy.export import write_onnx
+    from imgtune.deploy.onnx_session import open_session
+    from imgtune.deploy.predict import OnnxPredictor, Predictor
+    from imgtune.deploy.quantize import preprocessed_batches, quantize_graph, write_int8_onnx
+    from imgtune.train.learner import Learner
+
+    import onnxruntime as ort
+
+    backbone = get_backbone(ARCH)
+    files = sorted(PETS_SAMPLE.glob("*.jpg"))
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = create_model(ARCH, 37, weights="imagenet").eval()
+        learner = Learner(model, None, None, classes=[f"c{i}" for i in range(37)], device="cpu", channels_last=False,
+                          config=dict(arch=ARCH, timm_name=backbone.timm_name, weights="imagenet", size=backbone.size,
+                                      resize="crop", mean=list(backbone.mean), std=list(backbone.std)))
+        learner.save(tmp / "run")
+        write_onnx(tmp / "run")
+        meta = json.loads((tmp / "run" / "model.json").read_text())
+        started = time.perf_counter()
+        int8_graph = quantize_graph((tmp / "run" / "model.onnx").read_bytes(),
+                                    preprocessed_batches(files[-64:], meta))
+        out["int8_quantize_seconds"] = time.perf_counter() - started
+        (tmp / "run" / "model.int8.onnx").write_bytes(int8_graph)
+        batch = torch.from_numpy(next(preprocessed_batches(files[:32], meta, bs=32)))
+        fp32, int8 = OnnxPredictor.load(tmp / "run"), OnnxPredictor(open_session(int8_graph), meta)
+        ort_default = ort.InferenceSession(str(tmp / "run" / "model.onnx"), providers=["CPUExecutionProvider"])
+        no_spin = open_session(tmp / "run" / "model.onnx", spinning=False)
+        bound = _bound_run(open_session(tmp / "run" / "model.onnx"), batch.numpy())
+        plain = create_model(ARCH, 37, weights="imagenet").eval()
+
+        def eager():
+            with torch.inference_mode():
+                plain(batch)
+
+        out.update({f"batch_{k}": v for k, v in compare(
+            {"eager_nchw": eager, "onnx_fp32": lambda: fp32._logits_of(batch), "onnx_int8": lambda: int8._logits_of(batch),
+             "onnx_fp32_ort_defaults": lambda: ort_default.run(["logits"], {"images": batch.numpy()}),
+             "onnx_fp32_no_spinning": lambda: no_spin.run(["logits"], {"images": batch.numpy()}),
+             "onnx_fp32_io_binding": bound}, 32, rounds=args.rounds).items()})
+        out["int8_over_eager"] = out["batch_onnx_int8"] / out["batch_eager_nchw"]
+        out["fp32_over_eager"] = out["batch_onnx_fp32"] / out["batch_eager_nchw"]
+        out["int8_over_fp32"] = out["batch_onnx_int8"] / out["batch_onnx_fp32"]
+        logits = fp32._logits_of(batch), int8._logits_of(batch)
+        out["batch_int8_top1_agreement"] = float((logits[0].argmax(1) == logits[1].argmax(1)).float().mean())
+        folder = files[:96]
+        out.update({f"files_{k}": v for k, v in compare(
+            {"fp32_predict_files": lambda: list(fp32.predict_files(folder)),
+             "fp32_predict_no_overlap": lambda: fp32.predict(folder),
+             "int8_predict_files": lambda: list(int8.predict_files(folder)),
+             "int8_predict_no_overlap": lambda: int8.predict(folder),
+             "torch_predict_files": lambda: list(Predictor.load(tmp / "run").predict_files(folder[:32]))},
+            len(folder), rounds=args.rounds, seconds=1.0).items()})
+        out["files_torch_predict_files"] *= 32 / len(folder)  # it ran on 32 files
+    for run in args.runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, figures = write_int8_onnx(run, path=Path(tmp) / "model.int8.onnx", max_drop=100.0)
+        out[f"accuracy_{Path(run).name}"] = figures
+    return out
+
+
+def _bound_run(session, images: np.ndarray):
+    """A call of ``session`` on ``images`` with input and output bound to buffers allocated once."""
+    images = np.ascontiguousarray(images)
+    binding = session.io_binding()
+    binding.bind_cpu_input("images", images)
+    logits = np.empty((len(images), session.get_outputs()[0].shape[1]), dtype=np.float32)
+    binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+    buffers = (images, logits)  # ONNX Runtime reads and writes them: they must live as long as the call
+
+    def run():
+        session.run_with_iobinding(binding)
+        return buffers[1]
+
+    return run
+
+
 def time_to_accuracy(name: str, args) -> dict:
     from reference import run_reference
 
@@ -273,11 +362,13 @@ def dawnbench_line(name: str, who: str, seconds: float | None, accuracy: float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="*", choices=["throughput", "tta", "compile"], default=["throughput", "tta"],
+    parser.add_argument("parts", nargs="*", choices=["throughput", "tta", "compile", "deploy"], default=["throughput", "tta"],
                         help="compile: torch.compile against eager (minutes of compiling on a small CPU)")
     parser.add_argument("--data", nargs="*", choices=sorted(TTA), default=sorted(TTA))
     parser.add_argument("--workers", type=int, default=2, help="Loader processes of the reference loop.")
     parser.add_argument("--price-per-hour", type=float, default=0.10)
+    parser.add_argument("--runs", nargs="*", default=[], help="deploy: run folders to check int8's accuracy on.")
+    parser.add_argument("--rounds", type=int, default=3, help="deploy: rounds of the side-by-side timings.")
     args = parser.parse_args()
     record: dict = dict(
         date=datetime.now().isoformat(timespec="seconds"),
@@ -296,6 +387,20 @@ def main() -> None:
         c = record["compile"] = compiled(args)
         print(f"torch.compile: {c['compiled_channels_last']:.1f} img/s vs eager channels_last {c['eager_channels_last']:.1f}"
               f" (compiling took {c['compile_seconds']:.0f} s; largest logit difference {c['compiled_difference']:.2g})")
+    if "deploy" in args.parts:
+        d = record["deploy"] = deploy(args)
+        print("deploy (images/s, EfficientNet-Lite0 224 px, batch 32 pets pictures):")
+        for key, value in d.items():
+            if not isinstance(value, dict):
+                print(f"  {key:<36} {value:10.4g}")
+        print(f"  int8 / eager {d['int8_over_eager']:.1f}x (target 6x), fp32 / eager {d['fp32_over_eager']:.1f}x; "
+              f"predict_files int8 {d['files_int8_predict_files']:.0f}/s, fp32 {d['files_fp32_predict_files']:.0f}/s "
+              "(target 100/s)")
+        for key, figures in d.items():
+            if isinstance(figures, dict):
+                print(f"  {key}: int8 {100 * figures['int8_accuracy']:.2f}% vs fp32 {100 * figures['fp32_accuracy']:.2f}%"
+                      f" ({-figures['accuracy_drop']:+.2f} points, target >= -1), agreement "
+                      f"{100 * figures['agreement']:.2f}% on {figures['images']} images")
     if "tta" in args.parts:
         record["time_to_accuracy"] = {}
         for name in args.data:

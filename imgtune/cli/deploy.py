@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -53,10 +52,14 @@ def _top_k_json(top: list[tuple[str, float]]) -> list[dict]:
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="onnx: ONNX Runtime on model.onnx (see `imgtune export`); auto: onnx when model.onnx exists.")
 @device_option("the model")
+@click.option("--int8", is_flag=True, help="Run model.int8.onnx (see `imgtune export --int8`) on ONNX Runtime.")
+@click.option("--tta/--no-tta", default=None,
+              help="Average each image's probabilities with its mirror image's (--tta) or not. "
+              "[default: as the run was trained, its model.json's \"tta\"]")
 @click.option("--group-by", "group_by", type=click.Path(dir_okay=False),
               help="A manifest.csv from `imgtune render`: print one prediction per session (the mean "
               "log-probability of its windows) instead of one per image.")
-def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, device, group_by):
+def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, device, int8, tta, group_by):
     """Classify IMAGES (files, or folders searched recursively) with the model in RUN_DIR
     (a folder written by `imgtune train`)."""
     fit_threads_to_cores()
@@ -64,7 +67,8 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
 
     if csv_path and Path(csv_path).exists() and not overwrite:
         raise ImgtuneError(f"{csv_path}: file exists; choose another --csv or pass --overwrite")
-    predictor = load_predictor(run_dir, backend=backend, device=resolve_device(device))
+    predictor = load_predictor(run_dir, backend=backend, device=resolve_device(device), int8=int8,
+                               tta=None if tta is None else ("flip" if tta else "none"))
     files = image_files(images)
     if group_by:
         return _predict_sessions(predictor, files, group_by, top_k=top_k, as_json=as_json, csv_path=csv_path, bs=bs)
@@ -84,11 +88,12 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
 
 def _predict_each(results, total: int, shown: dict, *, writer, top_k: int, as_json: bool) -> int:
     """Write or print each ``(path, prediction, error)`` of ``results``; returns how many failed."""
-    from tqdm import tqdm
+    from imgtune.progress import progress_bar
 
     failed = 0
-    for path, prediction, error in tqdm(results, total=total, unit="image", file=sys.stderr,
-                                        disable=total < PROGRESS_MIN_FILES):
+    bar = progress_bar(total, desc="predict", unit="image", disable=total < PROGRESS_MIN_FILES)
+    for path, prediction, error in results:
+        bar.update()
         name = str(shown.get(path, path))
         if error is not None:
             failed += 1
@@ -106,6 +111,7 @@ def _predict_each(results, total: int, shown: dict, *, writer, top_k: int, as_js
             click.echo(json.dumps({"file": name, "top_k": _top_k_json(top)}))
         else:
             click.echo(f"{name}: " + "  ".join(f"{c} {100 * p:.1f}%" for c, p in top))
+    bar.close()
     return failed
 
 
@@ -145,11 +151,29 @@ def _predict_sessions(predictor, files, manifest, *, top_k, as_json, csv_path, b
 @click.option("--format", "export_format", type=click.Choice(["onnx"]), default="onnx", show_default=True,
               help="The exported model's format.")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset version.")
-@click.option("--overwrite", is_flag=True, help="Allow replacing an existing model.onnx.")
-def export(run_dir, export_format, opset, overwrite):
+@click.option("--int8", is_flag=True,
+              help="Write model.int8.onnx instead: quantized statically (QDQ, per-channel weights), calibrated on "
+              "a sample of the run's training images and checked against float32 on its validation images.")
+@click.option("--max-drop", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="With --int8: the most accuracy points int8 may lose against float32 (else nothing is written).")
+@click.option("--calibration-images", type=click.IntRange(1), default=128, show_default=True,
+              help="With --int8: training images to calibrate the int8 ranges on.")
+@click.option("--overwrite", is_flag=True, help="Allow replacing an existing model.onnx (model.int8.onnx).")
+def export(run_dir, export_format, opset, int8, max_drop, calibration_images, overwrite):
     """Write RUN_DIR's model as model.onnx (dynamic batch; input "images", normalised NCHW float32;
-    output "logits") and check that ONNX Runtime's logits match PyTorch's within 1e-4."""
+    output "logits") and check that ONNX Runtime's logits match PyTorch's within 1e-4; or, with --int8,
+    as model.int8.onnx, refused when it loses more than --max-drop accuracy points."""
     fit_threads_to_cores()
+    if int8:
+        from imgtune.deploy.quantize import write_int8_onnx
+
+        path, figures = write_int8_onnx(run_dir, max_drop=max_drop, calibration_images=calibration_images,
+                                        opset=opset, overwrite=overwrite, progress=lambda line: click.echo(line, err=True))
+        click.echo(f"{path}")
+        click.echo(f"int8 vs float32 on {figures['images']} validation images: top-1 agreement "
+                   f"{100 * figures['agreement']:.2f}%, accuracy {100 * figures['int8_accuracy']:.2f}% vs "
+                   f"{100 * figures['fp32_accuracy']:.2f}% ({-figures['accuracy_drop']:+.2f} points)")
+        return
     from imgtune.deploy.export import write_onnx
 
     path, difference = write_onnx(run_dir, opset=opset, overwrite=overwrite)
@@ -175,14 +199,27 @@ def export(run_dir, export_format, opset, overwrite):
 @click.option("--backend", type=BACKENDS, default="auto", show_default=True,
               help="What runs the predictions; Grad-CAM always uses PyTorch.")
 @device_option("the model (and Grad-CAM)")
-def serve(run_dir, host, port, max_bytes, max_pixels, timeout, max_concurrent, backend, device):
+@click.option("--int8", is_flag=True, help="Predict with model.int8.onnx (see `imgtune export --int8`) on ONNX "
+              "Runtime; Grad-CAM stays float.")
+@click.option("--tta/--no-tta", default=None, help="Average each image's probabilities with its mirror image's "
+              "(--tta) or not. [default: as the run was trained, its model.json's \"tta\"]")
+@click.option("--max-batch", type=click.IntRange(1), default=16, show_default=True,
+              help="Most images classified in one model call: concurrent requests without Grad-CAM are "
+              "gathered into batches (also at most --max-concurrent).")
+@click.option("--batch-wait-ms", type=click.FloatRange(0), default=10.0, show_default=True,
+              help="Milliseconds the first image of a batch waits at most for others being decoded to join it.")
+@click.option("--no-batching", is_flag=True, help="Classify each request alone (the same as --max-batch 1).")
+def serve(run_dir, host, port, max_bytes, max_pixels, timeout, max_concurrent, backend, device, int8, tta,
+          max_batch, batch_wait_ms, no_batching):
     """Serve a web demo of RUN_DIR's model: a page to upload or photograph an image and see the top
     classes with the Grad-CAM overlay, and its JSON API (POST /api/predict; schema at /openapi.json)."""
     fit_threads_to_cores()
     from imgtune.serve.app import create_app
 
     app = create_app(run_dir, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout, backend=backend,
-                     max_concurrent=max_concurrent, host=host, device=resolve_device(device))
+                     max_concurrent=max_concurrent, host=host, device=resolve_device(device), int8=int8,
+                     tta=None if tta is None else ("flip" if tta else "none"),
+                     max_batch=1 if no_batching else max_batch, batch_wait=batch_wait_ms / 1000)
     try:
         import uvicorn
     except ImportError:

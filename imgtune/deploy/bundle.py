@@ -26,6 +26,7 @@ from imgtune.files import atomic_write
 
 BUNDLE_FORMAT = 1
 WEIGHTS_FILE, META_FILE, ONNX_FILE = "model.safetensors", "model.json", "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
 
 
 def versions() -> dict[str, str]:
@@ -47,7 +48,8 @@ def save_bundle(run_dir: str | Path, *, model: torch.nn.Module, classes: Sequenc
         model: the trained network (its state dict is saved).
         classes: the class names in output order.
         config: the training config as plain data (``dict(learner.config)``); it must hold ``timm_name``,
-            ``size``, ``mean`` and ``std``, and is recorded as ``training``.
+            ``size``, ``mean`` and ``std``, and is recorded as ``training``; its ``tta`` (``"flip"``, or absent)
+            becomes ``model.json``'s top-level ``tta`` (``"flip"`` or ``"none"``), which the predictors read.
         metrics: final metrics to record.
 
     Returns:
@@ -75,6 +77,7 @@ def save_bundle(run_dir: str | Path, *, model: torch.nn.Module, classes: Sequenc
         resize=cfg.get("resize", "crop"),
         mean=list(cfg["mean"]),
         std=list(cfg["std"]),
+        tta=cfg.get("tta") or "none",  # test-time augmentation the predictors apply: "none" or "flip"
         training=cfg,
         metrics=metrics or {},
         versions=versions(),

@@ -13,6 +13,7 @@ import torch
 
 from imgtune.deploy.bundle import ONNX_FILE, load_model, read_meta, weights_sha256
 from imgtune.errors import ImgtuneError
+from imgtune.files import atomic_write
 
 # float32 logits of the same graph differ only by the order of floating-point sums between the
 # two runtimes; 1e-4 is far above that (~1e-5 for efficientnet_lite0) and far below any change of
@@ -48,7 +49,17 @@ def module_to_onnx(module: torch.nn.Module, example: torch.Tensor, *, input_name
 
 def export_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None = None,
                 overwrite: bool = False) -> Path:
-    """Write the bundle's model as ONNX and check it against PyTorch; see :func:`write_onnx`."""
+    """Write the bundle's model as ONNX and check it against PyTorch; see :func:`write_onnx`.
+
+    Args:
+        run_dir: a bundle folder (``model.safetensors`` + ``model.json``).
+        opset: the ONNX opset version.
+        path: where to write.  [default: ``model.onnx`` in ``run_dir``]
+        overwrite: replace an existing file.
+
+    Returns:
+        The ONNX file's path.
+    """
     return write_onnx(run_dir, opset=opset, path=path, overwrite=overwrite)[0]
 
 
@@ -82,20 +93,33 @@ def write_onnx(run_dir: str | Path, *, opset: int = 17, path: str | Path | None 
     if path.exists() and not overwrite:
         raise ImgtuneError(f"{path}: file exists; pass --overwrite (overwrite=True) to replace it")
     model = load_model(run_dir, meta)
-    example = torch.randn(2, 3, meta["size"], meta["size"])
-    graph = onnx.load_from_string(module_to_onnx(model, example, input_name="images", output_name="logits",
-                                                 opset=opset))
-    described = dict(classes=json.dumps(meta["classes"]), size=str(meta["size"]), resize=meta.get("resize", "crop"),
-                     mean=json.dumps(meta["mean"]), std=json.dumps(meta["std"]), weights_sha256=weights_sha256(run_dir))
-    onnx.helper.set_model_props(graph, described)
+    graph = bundle_graph(run_dir, meta, model, opset=opset)
     onnx.checker.check_model(graph)
-    onnx.save(graph, str(path))
+    atomic_write(path, graph.SerializeToString())
     difference = onnx_max_difference(run_dir, path, model=model)
     if difference > ONNX_TOLERANCE:
         path.unlink()
         raise ImgtuneError(f"ONNX Runtime's logits differ from PyTorch's by {difference:.2g} "
                            f"(more than {ONNX_TOLERANCE:g}); try another `opset`")
     return path, difference
+
+
+def bundle_graph(run_dir: Path, meta: dict, model: torch.nn.Module, *, opset: int = 17):
+    """The bundle's model as an ``onnx.ModelProto`` (``images`` -> ``logits``, dynamic batch) whose
+    metadata describe it: classes, size, resize, mean, std and the SHA-256 of the weights."""
+    onnx = import_onnx("onnx")
+    example = torch.randn(2, 3, meta["size"], meta["size"])
+    graph = onnx.load_from_string(module_to_onnx(model, example, input_name="images", output_name="logits",
+                                                 opset=opset))
+    onnx.helper.set_model_props(graph, bundle_props(run_dir, meta))
+    return graph
+
+
+def bundle_props(run_dir: Path, meta: dict) -> dict[str, str]:
+    """The metadata an exported graph carries so that it can be used without ``model.json``."""
+    return dict(classes=json.dumps(meta["classes"]), size=str(meta["size"]), resize=meta.get("resize", "crop"),
+                mean=json.dumps(meta["mean"]), std=json.dumps(meta["std"]), tta=meta.get("tta", "none"),
+                weights_sha256=weights_sha256(run_dir))
 
 
 def onnx_max_difference(run_dir: str | Path, path: str | Path | None = None, *, batch_sizes: Sequence[int] = (2, 3),
