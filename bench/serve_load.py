@@ -6,10 +6,19 @@
 
 Each server is `imgtune serve` in a subprocess on 127.0.0.1 (a free port), so that its memory can be read.
 
-normal: for the PyTorch and the ONNX Runtime backends, 200 POST /api/predict requests of a 640x480
-JPEG from 8 concurrent clients (cam=false: prediction only, then a second pass with cam=true), with
-`--max-concurrent` as large as the clients (no 503); every answer must be 200; p50/p99 latency and
-requests/s.
+normal: for the PyTorch and the ONNX Runtime backends, two servers side by side, one classifying
+each request alone (`--no-batching`) and one gathering concurrent requests into batches (the
+default micro-batching: `--max-batch 16 --batch-wait-ms 10`, or --max-batch / --batch-wait-ms), both
+with `--max-concurrent` as large as the clients (no 503). In each of --rounds rounds (default 2,
+to see the noise of a shared machine), 200 POST /api/predict requests of a 640x480 JPEG (cam=false:
+prediction only) from 8 concurrent clients and then from 1, to one server and then the other; then
+one pass with cam=true (Grad-CAM, never batched) on the batching server. Each client thread keeps
+its connection open (keep-alive), as a real client would. Every answer must be 200. Reported per
+row: p50/p99 latency, requests/s, errors, the mean batch the answers say they shared and the
+server's CPU time per request (user + system, all threads: what a request costs, which depends much
+less than requests/s on what else a shared machine runs); per backend and round, the speed-up of
+micro-batching at 8 clients (requests/s batched / alone) and its CPU saving (CPU per request alone
+/ batched).
 
 hostile: one server as `imgtune serve` starts it by default (backend auto, `--max-concurrent` twice
 the cores unless given). 8 clients send the JPEG (cam=false; on 503 they wait the Retry-After and
@@ -101,7 +110,7 @@ def hostile_bodies() -> dict[str, bytes]:
 class Server:
     """`imgtune serve` in a subprocess on a free loopback port; its log goes to a temporary file."""
 
-    def __init__(self, run_dir: Path, backend: str, max_concurrent: int | None):
+    def __init__(self, run_dir: Path, backend: str, max_concurrent: int | None, options: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
@@ -109,6 +118,7 @@ class Server:
                    "--port", str(self.port), "--backend", backend]
         if max_concurrent:
             command += ["--max-concurrent", str(max_concurrent)]
+        command += list(options)
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -128,6 +138,11 @@ class Server:
                 return int(line.split()[1]) * 1024
         raise KeyError(key)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all its threads) the server process has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reset_peak(self) -> None:
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
 
@@ -146,20 +161,34 @@ class Server:
 
 
 def load(url: str, body: bytes, *, requests: int, clients: int, cam: bool) -> dict:
-    def one(_):
+    """``requests`` POSTs of ``body`` from ``clients`` threads, each with its own kept-alive connection."""
+    todo, lock = iter(range(requests)), threading.Lock()
+
+    def client_thread() -> list[tuple[int, float, int]]:
+        done = []
         with httpx.Client(timeout=60) as client:
-            started = time.perf_counter()
-            response = client.post(url, params={"cam": str(cam).lower()}, files={"file": ("photo.jpg", body, "image/jpeg")})
-            return response.status_code, time.perf_counter() - started
+            while True:
+                with lock:
+                    if next(todo, None) is None:
+                        return done
+                started = time.perf_counter()
+                try:
+                    response = client.post(url, params={"cam": str(cam).lower()},
+                                           files={"file": ("photo.jpg", body, "image/jpeg")})
+                except httpx.HTTPError:  # no answer within the client's 60 s: an error, not a crash
+                    done.append((0, time.perf_counter() - started, 0))
+                    continue
+                batch = response.json().get("batch", 1) if response.status_code == 200 else 0
+                done.append((response.status_code, time.perf_counter() - started, batch))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(requests)))
+        results = [row for rows in pool.map(lambda _: client_thread(), range(clients)) for row in rows]
     wall = time.perf_counter() - started
-    latencies = sorted(seconds for _, seconds in results)
-    errors = sum(status != 200 for status, _ in results)
-    return dict(requests=requests, clients=clients, cam=cam, errors=errors, requests_per_s=requests / wall,
-                **percentiles(latencies))
+    ok = [batch for status, _, batch in results if status == 200]
+    return dict(requests=requests, clients=clients, cam=cam, errors=sum(status != 200 for status, *_ in results),
+                requests_per_s=requests / wall, mean_batch=sum(ok) / max(1, len(ok)),
+                **percentiles([seconds for _, seconds, _ in results]))
 
 
 def percentiles(seconds: list[float]) -> dict:
@@ -168,21 +197,59 @@ def percentiles(seconds: list[float]) -> dict:
 
 
 def normal_rows(run_dir: Path, backend: str, body: bytes, args) -> list[dict]:
-    server = Server(run_dir, backend, max_concurrent=args.clients)
+    """The rows of one backend: alone vs batched, 8 and 1 clients, per round; then Grad-CAM."""
+    batching = ("--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms))
+    servers = {"alone": Server(run_dir, backend, args.clients, ("--no-batching",)),
+               "batched": Server(run_dir, backend, args.clients, batching)}
     try:
-        url = f"{server.url}/api/predict"
-        load(url, body, requests=8, clients=2, cam=False)  # warm-up
+        for server in servers.values():
+            load(f"{server.url}/api/predict", body, requests=16, clients=args.clients, cam=False)  # warm-up
         rows = []
-        for cam in (False, True):
-            row = dict(mix="normal", backend=backend, **load(url, body, requests=args.requests, clients=args.clients,
-                                                             cam=cam))
-            rows.append(row)
-            print(f"{backend:<6} cam={str(cam):<5} {row['requests']} requests, {row['clients']} clients: "
-                  f"{row['errors']} errors, p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, "
-                  f"{row['requests_per_s']:.1f} requests/s")
+        for round_ in range(1, args.rounds + 1):
+            for clients in (args.clients, 1):
+                for mode, server in servers.items():
+                    rows.append(normal_row(server, body, backend, mode, round_, clients, False, args))
+        rows.append(normal_row(servers["batched"], body, backend, "batched", 1, args.clients, True, args))
         return rows
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
+
+
+def normal_row(server: Server, body: bytes, backend: str, mode: str, round_: int, clients: int, cam: bool,
+               args) -> dict:
+    cpu = server.cpu_seconds()
+    row = dict(mix="normal", backend=backend, mode=mode, round=round_, load_average=os.getloadavg()[0],
+               **load(f"{server.url}/api/predict", body, requests=args.requests, clients=clients, cam=cam))
+    # CPU time per request: what a request costs the server, much less sensitive than requests/s to
+    # what else the machine runs (on a busy one, a server with more runnable threads gets more CPU).
+    row["server_cpu_ms_per_request"] = 1000 * (server.cpu_seconds() - cpu) / args.requests
+    print(f"{backend:<6} {mode:<8} round {round_} cam={str(cam):<5} {row['clients']} clients: {row['errors']} errors, "
+          f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms, {row['requests_per_s']:.1f} requests/s, "
+          f"mean batch {row['mean_batch']:.1f}, server CPU {row['server_cpu_ms_per_request']:.0f} ms/request "
+          f"(load {row['load_average']:.1f})", flush=True)
+    return row
+
+
+def speedups(rows: list[dict], clients: int) -> list[dict]:
+    """Per backend and round: batched requests/s over alone at ``clients`` clients, and the targets."""
+    found = []
+    for backend in dict.fromkeys(r["backend"] for r in rows if r["mix"] == "normal"):
+        for round_ in sorted({r["round"] for r in rows if r["mix"] == "normal"}):
+            pick = {r["mode"]: r for r in rows if r["mix"] == "normal" and r["backend"] == backend
+                    and r["round"] == round_ and r["clients"] == clients and not r["cam"]}
+            if {"alone", "batched"} <= set(pick):
+                batched, alone = pick["batched"], pick["alone"]
+                ratio = batched["requests_per_s"] / alone["requests_per_s"]
+                met = dict(speedup_1_6=ratio >= 1.6, requests_per_s_40=batched["requests_per_s"] >= 40,
+                           p99_400_ms=batched["p99_ms"] <= 400, no_errors=batched["errors"] == 0)
+                cpu = alone.get("server_cpu_ms_per_request", 0) / max(1e-9, batched.get("server_cpu_ms_per_request", 0))
+                found.append(dict(backend=backend, round=round_, clients=clients, speedup=ratio, cpu_saving=cpu,
+                                  targets_met=met))
+                print(f"{backend:<6} round {round_}: micro-batching x{ratio:.2f} requests/s at {clients} clients "
+                      f"({alone['requests_per_s']:.1f} -> {batched['requests_per_s']:.1f}), x{cpu:.2f} less server CPU "
+                      f"per request")
+    return found
 
 
 # --- the hostile mix ------------------------------------------------------------------------------
@@ -388,6 +455,11 @@ def main() -> int:
     parser.add_argument("--mix", choices=["normal", "hostile", "both"], default="both")
     parser.add_argument("--requests", type=int, default=200, help="normal: requests per pass")
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="normal: rounds of alone vs batched")
+    parser.add_argument("--backends", type=lambda text: text.split(","), default=["torch", "onnx"],
+                        help="normal: the backends, comma-separated")
+    parser.add_argument("--max-batch", type=int, default=16, help="normal: the batching server's --max-batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="normal: its --batch-wait-ms")
     parser.add_argument("--hostile-requests", type=int, default=1000, help="hostile: normal requests sent at most")
     parser.add_argument("--hostile-seconds", type=float, default=45.0, help="hostile: at most this long")
     parser.add_argument("--hostile-clients", type=int, default=3)
@@ -408,12 +480,15 @@ def main() -> int:
             export_onnx(run_dir)
         if args.mix in ("normal", "both"):
             body = photo_bytes()
-            rows += normal_rows(run_dir, "torch", body, args) + normal_rows(run_dir, "onnx", body, args)
+            for backend in args.backends:
+                rows += normal_rows(run_dir, backend, body, args)
         if args.mix in ("hostile", "both"):
             rows.append(hostile_row(run_dir, args))
             print_hostile(rows[-1])
     out = HERE / "results" / f"serve-load-{datetime.now():%Y%m%d-%H%M%S}.json"
-    out.write_text(json.dumps(dict(rows=rows, date=datetime.now().isoformat(timespec="seconds")), indent=2) + "\n")
+    record = dict(rows=rows, speedups=speedups(rows, args.clients), cores=len(os.sched_getaffinity(0)),
+                  cpu_pressure_avg60=cpu_pressure(), date=datetime.now().isoformat(timespec="seconds"))
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written to {out}")
     failed = [r for r in rows if r.get("errors") or r.get("server_errors") or r.get("unexpected")
               or r.get("health", {}).get("failures") or r.get("health", {}).get("max_ms", 0) > 100]

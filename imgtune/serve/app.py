@@ -20,6 +20,16 @@ ends). At most ``max_concurrent`` uploads are in the workers at once; one more g
 ``Retry-After: 1`` at once rather than waiting in a queue. ``/api/health`` never waits for a slot
 or a decode. Predictions on the PyTorch model run one at a time (Grad-CAM adds hooks to it).
 
+Micro-batching: a request without Grad-CAM, once its upload is decoded in its worker, hands the
+picture to a :class:`~imgtune.serve.batcher.MicroBatcher`: pictures that arrive within
+``batch_wait`` seconds of the first (10 ms by default; not at all when no other upload is being
+decoded), up to ``max_batch`` (16) and in practice at most ``max_concurrent``, are preprocessed in
+their workers and classified in one model call by one batching thread, and each worker takes
+its own row of probabilities and its own ``top_k`` from it (the answer's ``batch`` says how many
+pictures shared the call). Decoding and its refusals stay per request, so a bad upload never
+reaches a batch; a request that times out takes its picture out of the queue. Grad-CAM requests, and
+every request with ``max_batch=1``, are classified alone, as before.
+
 Memory: each upload in the workers holds at most about ``2 * max_bytes`` of encoded data and
 ``12 * max_pixels`` bytes of pictures: the decoded one (Pillow keeps RGB, RGBA, LA, CMYK, I and F
 in 4 bytes a pixel, 16-bit grey in 2), the 8-bit RGB result (4 bytes a pixel), and an RGBA copy for
@@ -37,14 +47,17 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
 import jinja2
+import numpy as np
 from PIL import Image
 
 from imgtune.errors import ImgtuneError, describe
+from imgtune.serve.batcher import MAX_BATCH, MAX_WAIT, MicroBatcher
 from imgtune.serve.uploads import (
     MAX_BYTES,
     MAX_PIXELS,
@@ -65,12 +78,13 @@ RETRY_AFTER = 1
 class Demo:
     """The loaded model, shared by every request: prediction (ONNX or PyTorch) and Grad-CAM (PyTorch)."""
 
-    def __init__(self, run_dir: str | Path, *, backend: str = "auto", device: str = "cpu"):
+    def __init__(self, run_dir: str | Path, *, backend: str = "auto", device: str = "cpu", int8: bool = False,
+                 tta: str | None = None, max_batch: int = MAX_BATCH, batch_wait: float = MAX_WAIT):
         from imgtune.deploy.predict import Predictor, load_predictor
         from imgtune.explain.interpret import Interpretation
 
         self.run_dir = Path(run_dir)
-        self.predictor = load_predictor(self.run_dir, backend=backend, device=device)
+        self.predictor = load_predictor(self.run_dir, backend=backend, device=device, int8=int8, tta=tta)
         self.torch = self.predictor if isinstance(self.predictor, Predictor) else Predictor.load(self.run_dir,
                                                                                                  device=device)
         self.explainer = Interpretation.for_model(self.torch)
@@ -80,6 +94,8 @@ class Demo:
         # captured too, so every use of the PyTorch model holds this lock. ONNX Runtime sessions are
         # safe to run from several threads.
         self.lock = threading.Lock()
+        self.batcher = (MicroBatcher(self.batch_probabilities, max_batch=max_batch, max_wait=batch_wait)
+                        if max_batch > 1 else None)
 
     def info(self) -> dict:
         """What ``/api/model`` answers: the run's name, architecture, classes, input and metrics."""
@@ -89,37 +105,73 @@ class Demo:
                     resize=meta.get("resize", "crop"), metrics=meta.get("metrics", {}),
                     backend="onnx" if self.predictor is not self.torch else "torch")
 
+    def batch_probabilities(self, pictures: list) -> np.ndarray:
+        """Class probabilities (a row each, with the predictor's test-time augmentation) of pictures
+        already preprocessed by ``predictor.transform``, in one model call: what a batch runs."""
+        import torch
+
+        if self.predictor is self.torch:
+            with self.lock:
+                return self.predictor.probs_of(torch.stack(pictures)).numpy()
+        return self.predictor.probs_of(torch.stack(pictures)).numpy()
+
     def predict(self, image: Image.Image, *, top_k: int, cam: bool) -> dict:
-        """The top ``top_k`` classes of ``image`` and, with ``cam``, its Grad-CAM overlay as a data URI."""
+        """The top ``top_k`` classes of ``image`` alone and, with ``cam``, its Grad-CAM overlay as a data URI."""
         started = time.perf_counter()
         if self.predictor is self.torch:
             with self.lock:
-                prediction = self.predictor.predict([image])
+                probs = self.predictor.predict([image]).probs[0]
         else:
-            prediction = self.predictor.predict([image])
-        ranked = prediction.top_k(top_k)[0]
-        overlay = self._cam(image, int(prediction.probs[0].argmax())) if cam else None
-        return dict(labels=[dict(label=label, probability=p) for label, p in ranked], top=ranked[0][0],
-                    seconds=time.perf_counter() - started, cam=overlay)
+            probs = self.predictor.predict([image]).probs[0]
+        overlay = self._cam(image, int(probs.argmax())) if cam else None
+        return {**self.answer(probs, top_k=top_k, batch=1), "seconds": time.perf_counter() - started, "cam": overlay}
 
-    def classify_upload(self, upload: BinaryIO, *, max_pixels: int, top_k: int, cam: bool) -> dict:
+    def answer(self, probs: np.ndarray, *, top_k: int, batch: int) -> dict:
+        """The JSON answer for one image's row of probabilities (``seconds`` and ``cam`` are the caller's)."""
+        from imgtune.deploy.predict import Prediction
+
+        ranked = Prediction(self.classes, probs[None]).top_k(top_k)[0]
+        return dict(labels=[dict(label=label, probability=p) for label, p in ranked], top=ranked[0][0],
+                    batch=batch, cam=None)
+
+    def classify_upload(self, upload: BinaryIO, *, max_pixels: int, top_k: int, cam: bool,
+                        deadline: float | None = None) -> dict:
         """Read, decode and classify an uploaded file: what one worker does for ``POST /api/predict``.
+
+        Without ``cam`` and with a batcher, the picture is preprocessed here and joins the next batch
+        (see :mod:`imgtune.serve.batcher`); with ``cam``, or ``max_batch`` 1, it is classified alone.
 
         Args:
             upload: the uploaded file (read from its current position).
             max_pixels: the most pixels the image may have, read from its header before decoding.
             top_k: how many classes to return.
             cam: whether to add the Grad-CAM overlay.
+            deadline: the ``time.monotonic()`` time the request times out at: a picture still queued
+                for a batch then leaves the queue (``None``: no limit).
 
         Returns:
             What :meth:`predict` returns, with ``seconds`` counted from the start of decoding.
 
         Raises:
             RequestError: an image the demo refuses (see :func:`imgtune.serve.uploads.decode_upload`).
+            TimeoutError: the picture was still waiting for its batch at ``deadline``.
         """
         started = time.perf_counter()
-        image = decode_upload(upload.read(), max_pixels=max_pixels)
-        return {**self.predict(image, top_k=top_k, cam=cam), "seconds": time.perf_counter() - started}
+        if cam or self.batcher is None:
+            image = decode_upload(upload.read(), max_pixels=max_pixels)
+            answer = self.predict(image, top_k=top_k, cam=cam)
+        else:
+            def prepare():
+                return self.predictor.transform(decode_upload(upload.read(), max_pixels=max_pixels))
+
+            probs, batch = self.batcher.run(prepare, deadline=deadline)
+            answer = self.answer(probs, top_k=top_k, batch=batch)
+        return {**answer, "seconds": time.perf_counter() - started}
+
+    def close(self) -> None:
+        """Stop the batching thread (after the pictures it holds): the app's shutdown."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     def _cam(self, image: Image.Image, class_index: int) -> str:
         x = self.explainer.input_tensor(image)  # transformed once for Grad-CAM and the overlay
@@ -132,7 +184,8 @@ class Demo:
 
 def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
                timeout: float = TIMEOUT, backend: str = "auto", max_concurrent: int | None = None,
-               host: str | None = None, device: str = "cpu"):
+               host: str | None = None, device: str = "cpu", int8: bool = False, tta: str | None = None,
+               max_batch: int = MAX_BATCH, batch_wait: float = MAX_WAIT):
     """The demo app for the model bundle in ``run_dir``.
 
     Args:
@@ -147,6 +200,11 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         host: the address the server listens on. A loopback one (``127.0.0.1``, ``::1``,
             ``localhost``) makes the app refuse requests for any other host name (421); ``None``
             (serving it yourself, behind a proxy that sets its own ``Host``) or ``0.0.0.0`` checks nothing.
+        int8: predict with the bundle's ``model.int8.onnx`` on ONNX Runtime (Grad-CAM stays float).
+        tta: ``"flip"`` or ``"none"``, as for ``load_predictor``; ``None``: the bundle's own.
+        max_batch: the most pictures classified in one model call (requests without Grad-CAM);
+            1 classifies each request alone. Batches are also bounded by ``max_concurrent``.
+        batch_wait: seconds the first picture of a batch waits for others to join it.
 
     Returns:
         A ``fastapi.FastAPI`` app; serve it with uvicorn.
@@ -160,7 +218,8 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         raise ImgtuneError("the web demo needs fastapi, uvicorn and python-multipart: "
                            "pip install 'imgtune[serve]'") from None
 
-    demo = Demo(run_dir, backend=backend, device=device)
+    demo = Demo(run_dir, backend=backend, device=device, int8=int8, tta=tta, max_batch=max_batch,
+                batch_wait=batch_wait)
     n_classes = len(demo.classes)
     max_concurrent = max_concurrent or 2 * usable_cores()
     # As many threads as slots: an admitted upload starts at once, so its timeout measures its own work.
@@ -178,6 +237,7 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         labels: list[Label]
         top: str
         seconds: float
+        batch: int = 1  # how many images shared the model call
         cam: str | None = None
 
     problems = {status: {"model": Problem, "description": text} for status, text in [
@@ -187,7 +247,14 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         (504, "decoding and inference timed out")]}
 
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, and the demo works offline.
-    app = FastAPI(title=f"imgtune demo: {demo.info()['name']}", version=_version(), docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        demo.close()  # the batching thread ends with the server (it is a daemon thread where no lifespan runs)
+
+    app = FastAPI(title=f"imgtune demo: {demo.info()['name']}", version=_version(), docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
+    app.state.demo = demo
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
     if host is not None and is_loopback(host):
         app.add_middleware(LoopbackHostOnly)  # added last, so it runs first: before any body is read
@@ -227,7 +294,10 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
             raise RequestError(503, f"the server is busy ({max_concurrent} images in work); try again in "
                                     f"{RETRY_AFTER} s", headers={"Retry-After": str(RETRY_AFTER)})
         try:
-            job = workers.submit(demo.classify_upload, file.file, max_pixels=max_pixels, top_k=top_k, cam=cam)
+            # Not later than the 504 below: a batch formed after it leaves this picture out.
+            deadline = time.monotonic() + timeout
+            job = workers.submit(demo.classify_upload, file.file, max_pixels=max_pixels, top_k=top_k, cam=cam,
+                                 deadline=deadline)
         except BaseException:
             slots.release()
             raise
@@ -236,7 +306,7 @@ def create_app(run_dir: str | Path, *, max_bytes: int = MAX_BYTES, max_pixels: i
         job.add_done_callback(lambda _: slots.release())
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job), timeout)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):  # the event loop's, or the batch queue's in the worker
             raise RequestError(504, f"decoding and classifying took longer than the limit of {timeout:g} s") from None
         except RequestError:
             raise
