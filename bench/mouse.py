@@ -30,6 +30,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -79,48 +80,25 @@ def main() -> None:
 
 
 def run(args, tmp: Path) -> dict:
-    from imgtune.sequences.render import find_sessions, render_sessions
     from imgtune.train.run import train
 
-    seconds = {}
+    windows = render_windows(args.data, tmp, subset=args.subset, size=args.size, window=args.window,
+                             overlap=args.overlap, workers=args.workers)
+    seconds = {"render": windows.seconds}
     started = time.perf_counter()
-    train_sessions = find_sessions(args.data / "training_files")
-    if args.subset:
-        train_sessions = _per_label(train_sessions, args.subset)
-    illegal = _public_labels(args.data / "public_labels.csv")
-    test_sessions = [s for s in find_sessions(args.data / "test_files") if s.path.name in illegal]
-    if args.subset:
-        test_sessions = _per_label(test_sessions, 3 * args.subset, key=lambda s: illegal[s.path.name])
-    window = dict(size=args.size, window=args.window, overlap=args.overlap, workers=args.workers)
-    rendered = {name: render_sessions(sessions, tmp / name, **window)
-                for name, sessions in (("train", train_sessions), ("test", test_sessions))}
-    seconds["render"] = time.perf_counter() - started
-    print(f"rendered {rendered['train'].images} training windows ({len(train_sessions)} sessions), "
-          f"{rendered['test'].images} test windows ({len(test_sessions)} sessions) in {seconds['render']:.0f}s")
-
-    started = time.perf_counter()
-    result = train(str(tmp / "train"), csv_path=rendered["train"].manifest, arch=args.arch, size=args.size,
+    result = train(str(tmp / "train"), csv_path=windows.rendered["train"].manifest, arch=args.arch, size=args.size,
                    epochs=args.epochs, freeze_epochs=args.freeze_epochs, lr=args.lr or None, augment=args.augment,
                    valid_pct=0.2, out=tmp / "run", report=False, progress=False)
     seconds["train"] = time.perf_counter() - started
     phases = ", ".join(f"{k} {v:.0f}s" for k, v in result.metrics["seconds"].items())
     print(f"trained in {seconds['train']:.0f}s ({phases}), held-out window accuracy "
           f"{100 * result.metrics['valid_accuracy']:.1f}%")
-    classes = result.learner.classes
-    manifest = {**_manifest_rows(rendered["train"].manifest), **_manifest_rows(rendered["test"].manifest)}
-    split = _read_split(tmp / "run" / "split.csv")
-    valid_files = [f for f, side in split.items() if side == "valid"]
-    train_files = [f for f, side in split.items() if side == "train"]
-    test_files = list(_manifest_rows(rendered["test"].manifest))
-
     started = time.perf_counter()
-    from imgtune.deploy.predict import load_predictor
-
-    predictor = load_predictor(tmp / "run", backend="torch")
-    window_probs = _predict(predictor, valid_files + test_files)
+    scored = score_run(tmp / "run", windows)
     seconds["predict"] = time.perf_counter() - started
-    imgtune_scores = evaluate(window_probs[: len(valid_files)], window_probs[len(valid_files):], valid_files,
-                              test_files, manifest, classes, illegal)
+    manifest, train_files, valid_files, test_files = (scored.pop(k) for k in ("manifest", "train_files",
+                                                                              "valid_files", "test_files"))
+    illegal, classes = windows.illegal, result.learner.classes
 
     started = time.perf_counter()
     features = window_features_of(train_files + valid_files + test_files, manifest, args.data)
@@ -137,12 +115,8 @@ def run(args, tmp: Path) -> dict:
         subset=args.subset,
         windows=dict(size=args.size, events=args.window, overlap=args.overlap, train=len(train_files),
                      valid=len(valid_files), test=len(test_files)),
-        sessions=dict(train=len({manifest[f]["group"] for f in train_files}),
-                      valid=len({manifest[f]["group"] for f in valid_files}),
-                      test=len({manifest[f]["group"] for f in test_files}),
-                      test_illegal=int(sum(illegal[Path(manifest[f]["group"]).name] for f in
-                                           {manifest[f]["group"]: f for f in test_files}.values()))),
-        imgtune=dict(imgtune_scores, arch=args.arch, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
+        sessions=session_counts(manifest, train_files, valid_files, test_files, illegal),
+        imgtune=dict(scored, arch=args.arch, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
                      augment=args.augment, lr=m["lr"]["frozen"], run_valid_accuracy=m["valid_accuracy"],
                      history=m["history"], train_seconds=m["seconds"]),
         baseline=dict(baseline_scores, model="40 movement features per window, multinomial logistic regression"),
@@ -150,6 +124,84 @@ def run(args, tmp: Path) -> dict:
         machine=dict(cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), processor=platform.processor()),
         date=datetime.now().isoformat(timespec="seconds"), versions=m["versions"],
     )
+
+
+@dataclass
+class Windows:
+    """The rendered windows of the protocol's step 1: ``rendered["train"|"test"]`` (each with its
+    ``manifest`` CSV), the public labels (session file name -> is_illegal) and the seconds it took."""
+
+    rendered: dict
+    illegal: dict[str, int]
+    seconds: float
+
+
+def render_windows(data: Path, work: Path, *, subset: int | None = None, size: int = 128, window: int = 256,
+                   overlap: float = 0.5, workers: int | None = None) -> Windows:
+    """Draw the training sessions and the labelled test sessions as windows into ``work/train`` and
+    ``work/test`` (step 1 of the protocol).
+
+    Args:
+        data: the Balabit folder (training_files/, test_files/, public_labels.csv).
+        work: a new or empty folder.
+        subset: only this many training sessions per user, and 3x as many legal and illegal test sessions.
+        size, window, overlap, workers: see :func:`imgtune.sequences.render.render_sessions`.
+
+    Returns:
+        A :class:`Windows`.
+    """
+    from imgtune.sequences.render import find_sessions, render_sessions
+
+    started = time.perf_counter()
+    train_sessions = find_sessions(data / "training_files")
+    if subset:
+        train_sessions = _per_label(train_sessions, subset)
+    illegal = _public_labels(data / "public_labels.csv")
+    test_sessions = [s for s in find_sessions(data / "test_files") if s.path.name in illegal]
+    if subset:
+        test_sessions = _per_label(test_sessions, 3 * subset, key=lambda s: illegal[s.path.name])
+    options = dict(size=size, window=window, overlap=overlap, workers=workers)
+    rendered = {name: render_sessions(sessions, work / name, **options)
+                for name, sessions in (("train", train_sessions), ("test", test_sessions))}
+    seconds = time.perf_counter() - started
+    print(f"rendered {rendered['train'].images} training windows ({len(train_sessions)} sessions), "
+          f"{rendered['test'].images} test windows ({len(test_sessions)} sessions) in {seconds:.0f}s")
+    return Windows(rendered, illegal, seconds)
+
+
+def score_run(run_dir: Path, windows: Windows) -> dict:
+    """Steps 3 and 4 for a run trained on ``windows``: the run's bundle predicts its held-out windows
+    and the test windows.
+
+    Args:
+        run_dir: a finished run folder (bundle and split.csv) trained on ``windows.rendered["train"]``.
+        windows: what :func:`render_windows` drew.
+
+    Returns:
+        :func:`evaluate`'s scores, plus ``manifest`` (window file -> its manifest row) and the window
+        files of each side: ``train_files``, ``valid_files``, ``test_files``.
+    """
+    from imgtune.deploy.predict import load_predictor
+
+    manifest = {**_manifest_rows(windows.rendered["train"].manifest),
+                **_manifest_rows(windows.rendered["test"].manifest)}
+    split = _read_split(run_dir / "split.csv")
+    valid_files = [f for f, side in split.items() if side == "valid"]
+    train_files = [f for f, side in split.items() if side == "train"]
+    test_files = list(_manifest_rows(windows.rendered["test"].manifest))
+    predictor = load_predictor(run_dir, backend="torch")
+    probs = _predict(predictor, valid_files + test_files)
+    scores = evaluate(probs[: len(valid_files)], probs[len(valid_files):], valid_files, test_files, manifest,
+                      predictor.classes, windows.illegal)
+    return dict(scores, manifest=manifest, train_files=train_files, valid_files=valid_files, test_files=test_files)
+
+
+def session_counts(manifest, train_files, valid_files, test_files, illegal) -> dict:
+    """Sessions on each side, and the illegal ones among the test sessions."""
+    test_groups = {manifest[f]["group"] for f in test_files}
+    return dict(train=len({manifest[f]["group"] for f in train_files}),
+                valid=len({manifest[f]["group"] for f in valid_files}), test=len(test_groups),
+                test_illegal=int(sum(illegal[Path(g).name] for g in test_groups)))
 
 
 def _per_label(sessions, n: int, key=lambda s: s.label):

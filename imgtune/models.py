@@ -264,3 +264,34 @@ def gradcam_layer(model: nn.Module, arch: str) -> nn.Module:
         return model.get_submodule(feature_info[-1]["module"])
     raise ImgtuneError(f"{arch}: no Grad-CAM layer known")
 
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """How a timm CNN's body runs, as submodule names in forward order: the stem, the stages (where
+    partial fine-tuning may split the body) and the tail after the last stage (EfficientNet's
+    ``conv_head`` + ``bn2``; nothing for ResNet). ``forward_features`` is exactly these in turn."""
+
+    stem: tuple[str, ...]
+    stages: tuple[str, ...]
+    tail: tuple[str, ...]
+
+
+def stage_layout(model: nn.Module, arch: str = "") -> StageLayout:
+    """The stages of a timm EfficientNet (EfficientNet-Lite, MixNet, MNASNet...: ``conv_stem, bn1,
+    blocks[0..], conv_head, bn2``) or ResNet (``conv1, bn1, act1, maxpool, layer1..4``).
+
+    Raises:
+        ImgtuneError: another kind of model, whose body imgtune cannot split at a stage boundary.
+    """
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    if isinstance(model, EfficientNet):
+        stages = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
+        return StageLayout(("conv_stem", "bn1"), stages, ("conv_head", "bn2"))
+    if isinstance(model, ResNet):
+        return StageLayout(("conv1", "bn1", "act1", "maxpool"), tuple(f"layer{i}" for i in range(1, 5)), ())
+    name = arch or type(model).__name__
+    raise ImgtuneError(f"{name}: partial fine-tuning (tune_stages) splits timm EfficientNet and ResNet bodies at a "
+                       "stage, not this model; pass tune_stages=0 (--tune-stages 0) to train the head only")

@@ -40,8 +40,8 @@ def cache_info(cache_dir):
 
 @cache_group.command("clear")
 @CACHE_DIR_OPTION
-@click.option("--only", type=click.Choice(["presized", "features", "onnx"]), multiple=True,
-              help="Clear only this kind (repeatable).  [default: all three; downloaded datasets are kept]")
+@click.option("--only", type=click.Choice(["presized", "features", "activations", "onnx"]), multiple=True,
+              help="Clear only this kind (repeatable).  [default: all of them; downloaded datasets are kept]")
 def cache_clear(cache_dir, only):
     """Delete cached entries; the next run rebuilds what it needs. Downloaded datasets are kept, and so is
     any file imgtune did not write; a folder without imgtune's CACHEDIR.TAG is refused."""

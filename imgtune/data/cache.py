@@ -6,6 +6,8 @@ Everything lives under one folder, ``--cache-dir`` (default: ``$IMGTUNE_CACHE``,
     presized/<view>/<ab>/<key>.npy           an image decoded and resized once (uint8, H x W x C)
     features/<model>-<view>/<ab>/<key>.npy   its backbone features (float32, views x F; computed in
                                              bf16 or fp16 on a GPU: <model>-<view>-bf16/ ...)
+    activations/<lower body>-<view>/<ab>/<key>.npy   the frozen stages' activation maps (float16,
+                                             views x C x H x W) that partial fine-tuning trains on
     onnx/<model>-<size>.onnx                 the frozen backbone exported for fast feature extraction
 
 An entry's key hashes the file's absolute path, byte size and modification time (nanoseconds), so an
@@ -18,7 +20,7 @@ A cache folder that the first entry creates (or finds empty) is marked with a ``
 (https://bford.info/cachedir/, which backup tools honour); a folder that already held something is
 not, so that backups keep what is yours there. :func:`clear` works only in a tagged folder, and even
 there deletes only entries named as above (a file of yours in ``features/`` stays). A cache made
-before the tag existed is tagged by :func:`clear` if it holds nothing but the three subfolders (and
+before the tag existed is tagged by :func:`clear` if it holds nothing but the kinds' subfolders (and
 downloaded datasets: folders holding ``.extracted``) and they hold nothing but imgtune's entries.
 """
 
@@ -35,7 +37,7 @@ from imgtune.errors import ImgtuneError
 from imgtune.files import atomic_write, atomic_writer
 
 #: The cache's subfolders, one per kind of entry (what ``imgtune cache clear --only`` accepts).
-KINDS = ("presized", "features", "onnx")
+KINDS = ("presized", "features", "activations", "onnx")
 
 #: The Cache Directory Tagging standard's file, its signature, and the rest of imgtune's tag.
 CACHEDIR_TAG = "CACHEDIR.TAG"
@@ -108,7 +110,7 @@ class ArrayStore:
             return None
         self._written = True
         folder = self.root.parent.parent
-        if self.root.parent.name not in ("presized", "features"):
+        if self.root.parent.name not in ("presized", "features", "activations"):
             return None
         return folder if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())) else None
 

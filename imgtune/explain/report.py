@@ -97,8 +97,11 @@ def report_values(*, interp, metrics: dict, meta: dict, k: int = 9) -> dict:
     """The values and table rows (lists of cells) that the report template shows, by name."""
     data = metrics.get("data", {})
     skipped = data.get("skipped", [])
+    report = interp.classification_report()
     return dict(
-        accuracy=interp.accuracy, n_valid=len(interp.targets), arch=meta.get("arch"), timm_name=meta.get("timm_name"),
+        accuracy=interp.accuracy, **class_values(report), n_valid=len(interp.targets), arch=meta.get("arch"),
+        timm_name=meta.get("timm_name"), balance=bool((meta.get("training") or {}).get("balance")),
+        tta=meta.get("tta", "none"),
         size=meta.get("size"), resize=meta.get("resize"), device=metrics.get("device", "?"),
         description=data.get("description", ""), n_classes=len(interp.classes), n_train=data.get("train", "?"),
         n_valid_data=data.get("valid", len(interp.targets)), n_skipped=len(skipped),
@@ -106,9 +109,8 @@ def report_values(*, interp, metrics: dict, meta: dict, k: int = 9) -> dict:
         skipped=[[s["path"], s["reason"]] for s in skipped[:200]],
         lr=metrics.get("lr"),
         history=[[h["epoch"], h["phase"], h["train_loss"], h["valid_loss"], f"{100 * h['accuracy']:.2f}%",
-                  round(h["seconds"], 1)] for h in metrics.get("history", [])],
-        per_class=[[r["class"], r["precision"], r["recall"], r["f1"], r["support"]]
-                   for r in interp.classification_report()],
+                  _percent(h.get("balanced_accuracy")), round(h["seconds"], 1)] for h in metrics.get("history", [])],
+        per_class=[[r["class"], r["precision"], r["recall"], r["f1"], r["support"]] for r in report],
         confused=interp.most_confused()[:30],
         top_losses=[[Path(t.path).name if t.path else t.index, t.actual, t.predicted, t.probability, t.loss]
                     for t in interp.top_losses(k)],
@@ -116,6 +118,23 @@ def report_values(*, interp, metrics: dict, meta: dict, k: int = 9) -> dict:
         command=metrics.get("command") or "(Python API)",
         versions=sorted((metrics.get("versions") or meta.get("versions") or {}).items()),
     )
+
+
+def class_values(report: list[dict]) -> dict:
+    """The macro figures of a classification report (:meth:`Interpretation.classification_report`'s rows).
+
+    Returns:
+        ``balanced_accuracy``: the mean recall of the classes with validation items (as
+        :func:`imgtune.train.evaluate.macro_metrics`); ``macro_f1``: the report's macro F1;
+        ``missed``: the classes with validation items of which none was recognised (recall 0).
+    """
+    rows = [row for row in report[:-1] if row["support"]]
+    return dict(balanced_accuracy=sum(row["recall"] for row in rows) / len(rows) if rows else 0.0,
+                macro_f1=report[-1]["f1"], missed=[row["class"] for row in rows if row["recall"] == 0])
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _numeric(value) -> bool:

@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from imgtune.data.cache import ArrayStore, cache_root
 from imgtune.data.presize import ImageView
-from imgtune.train import distributed
+from imgtune.progress import progress_bar
+from imgtune.train import distributed, partial
+from imgtune.train.activations import ActivationSource, UpperStages
 from imgtune.train.extract import FeatureExtractor, compute_features
 
 
@@ -77,17 +79,24 @@ def body_fingerprint(model: nn.Module, *extra) -> str:
     return digest.hexdigest()[:24]
 
 class FeatureDataset(Dataset):
-    """(features, class index) pairs; training picks one of the cached views at random each time."""
+    """(features, class index) pairs; training picks one of the cached views at random each time.
 
-    def __init__(self, features: torch.Tensor, targets: Sequence[int], *, random_view: bool, seed: int = 0):
+    With ``all_views`` an item's features are every view, ``(views, F)``: what test-time augmentation
+    averages over (see :func:`imgtune.train.evaluate.predict`).
+    """
+
+    def __init__(self, features: torch.Tensor, targets: Sequence[int], *, random_view: bool, seed: int = 0,
+                 all_views: bool = False):
         self.features, self.targets = features, torch.as_tensor(list(targets))
-        self.random_view = random_view
+        self.random_view, self.all_views = random_view, all_views
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int):
+        if self.all_views:
+            return self.features[index], self.targets[index]
         view = int(torch.randint(self.features.shape[1], (1,), generator=self.generator)) if self.random_view else 0
         return self.features[index, view], self.targets[index]
 
@@ -100,8 +109,14 @@ class FeatureSource:
     """
 
     def __init__(self, train_ds, valid_ds, *, batch_size: int, drop_last: bool, seed: int, mean, std, size: int,
-                 cache: bool = True, cache_dir=None, augment: bool = True):
+                 cache: bool = True, cache_dir=None, augment: bool = True, tune_stages: int | str = 0, arch: str = ""):
         self.train_ds, self.valid_ds = train_ds, valid_ds
+        # Partial fine-tuning (imgtune.train.partial): what was asked, and once decided, the plan and the maps.
+        self.tune_stages, self.arch = partial.parse_tune_stages(tune_stages), arch
+        self.partial: partial.PartialPlan | None = None
+        self.partial_reason = ""
+        self.activations: ActivationSource | None = None
+        self._decided = False
         self.augment = augment
         self.batch_size, self.drop_last, self.seed = batch_size, drop_last, seed
         self.mean, self.std, self.size = list(mean), list(std), size
@@ -112,32 +127,63 @@ class FeatureSource:
 
     @classmethod
     def from_loaders(cls, train_dl: DataLoader, valid_dl: DataLoader, *, seed: int, mean, std, size: int,
-                     cache: bool = True, cache_dir=None, augment: bool = True) -> FeatureSource | None:
+                     cache: bool = True, cache_dir=None, augment: bool = True, tune_stages: int | str = 0,
+                     arch: str = "") -> FeatureSource | None:
         """``None`` when the loaders are not over image files (e.g. tensors the caller made). Without
         ``augment`` the head trains on the pictures' own view only (no mirror images: for data where a
-        flip changes the meaning, such as drawn mouse paths)."""
+        flip changes the meaning, such as drawn mouse paths). ``tune_stages``: see :meth:`partial_plan`."""
         if not all(hasattr(dl.dataset, "items") and hasattr(dl.dataset, "view") for dl in (train_dl, valid_dl)):
             return None
         return cls(train_dl.dataset, valid_dl.dataset, batch_size=train_dl.batch_size, drop_last=train_dl.drop_last,
-                   seed=seed, mean=mean, std=std, size=size, cache=cache, cache_dir=cache_dir, augment=augment)
+                   seed=seed, mean=mean, std=std, size=size, cache=cache, cache_dir=cache_dir, augment=augment,
+                   tune_stages=tune_stages, arch=arch)
+
+    def partial_plan(self, model: nn.Module, device: torch.device) -> partial.PartialPlan | None:
+        """The partial fine-tuning plan for ``tune_stages`` (decided once, before any features are made,
+        by :func:`imgtune.train.partial.choose`), or ``None``: the head only (or, on a GPU, the usual
+        whole-network fine-tuning)."""
+        if not self._decided:
+            self._decided = True
+            self.partial, self.partial_reason = partial.choose(model, self, device, self.tune_stages, arch=self.arch)
+            if self.partial is not None:
+                self.activations = ActivationSource(self, self.partial.tune_stages, arch=self.arch,
+                                                    shift=partial.PARTIAL["shift"])
+        return self.partial
+
+    def fix_partial(self, tune_stages: int, epochs: int) -> None:
+        """Use ``tune_stages`` stages for ``epochs`` epochs without measuring (a resumed run's plan)."""
+        self._decided = False
+        self.tune_stages = tune_stages
+        self.partial = None
+        self.activations = None
+        if tune_stages:
+            self._decided = True
+            self.partial = partial.PartialPlan(tune_stages, epochs, None, "resumed")
+            self.activations = ActivationSource(self, tune_stages, arch=self.arch, shift=partial.PARTIAL["shift"])
 
     def loaders(self, model: nn.Module, device: torch.device, progress=None,
-                precision: str = "auto") -> tuple[DataLoader, DataLoader]:
+                precision: str = "auto", tta: bool = False) -> tuple[DataLoader, DataLoader]:
         """Feature loaders for ``model``'s current body (recomputed only if the body's weights or the
-        ``precision`` it runs in changed; see :func:`imgtune.train.device.choose_precision`)."""
+        ``precision`` it runs in changed; see :func:`imgtune.train.device.choose_precision`). With ``tta``
+        the validation items hold both views (picture, mirror) for test-time augmentation."""
         fingerprint = body_fingerprint(model, self.mean, self.std, self.size)
         extractor = FeatureExtractor(model, size=self.size, device=device, fingerprint=fingerprint,
                                      cache_dir=self.cache_dir if self.cache else False, precision=precision)
-        if self._made is not None and self._made[0] == (fingerprint, extractor.precision):
+        if self._made is not None and self._made[0] == (fingerprint, extractor.precision, tta):
             return self._made[1], self._made[2]
         store = None
         if self.cache:
             name = feature_store_name(fingerprint, self.view.name, extractor.precision)
             store = ArrayStore(cache_root(self.cache_dir) / "features" / name)
         paths = [item.path for item in self.train_ds.items] + [item.path for item in self.valid_ds.items]
-        features, stats = compute_features(paths, extractor, self.view, mean=self.mean, std=self.std, store=store,
-                                           progress=progress)
-        self.stats = dict(stats, backend=extractor.backend, onnx_difference=extractor.difference)
+        if self.partial_plan(model, device) is not None and extractor.precision == "fp32":
+            # One pass of the network gives the maps and these features (see imgtune.train.activations).
+            features = self.activations.prepare(model, store, progress=progress)
+            self.stats = dict(self.activations.stats)
+        else:
+            features, stats = compute_features(paths, extractor, self.view, mean=self.mean, std=self.std,
+                                               store=store, progress=progress)
+            self.stats = dict(stats, backend=extractor.backend, onnx_difference=extractor.difference)
         n_train = len(self.train_ds.items)
         index = self.train_ds.class_index
         train_targets = [index[item.label] for item in self.train_ds.items]
@@ -145,9 +191,9 @@ class FeatureSource:
         generator = torch.Generator().manual_seed(self.seed)
         train_dl = DataLoader(FeatureDataset(features[:n_train], train_targets, random_view=self.augment, seed=self.seed),
                               batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last, generator=generator)
-        valid_dl = DataLoader(FeatureDataset(features[n_train:], valid_targets, random_view=False),
+        valid_dl = DataLoader(FeatureDataset(features[n_train:], valid_targets, random_view=False, all_views=tta),
                               batch_size=self.batch_size * 2, shuffle=False)
-        self._made = ((fingerprint, extractor.precision), train_dl, valid_dl)
+        self._made = ((fingerprint, extractor.precision, tta), train_dl, valid_dl)
         return train_dl, valid_dl
 
 
@@ -157,18 +203,29 @@ def head_on_features(learner):
     (:class:`HeadOnFeatures`) and its loaders serve cached features (computed on first use), so each
     step costs a head's work; the model, loaders and memory format come back when the block ends.
 
-    Nothing changes with the body unfrozen, without features, under torch.distributed (every process
-    then runs the body on its shard), or inside another such block.
+    With the body frozen below the stages partial fine-tuning trains (see :mod:`imgtune.train.partial`):
+    the model becomes those stages and the head (:class:`imgtune.train.activations.UpperStages`) and the
+    loaders serve the frozen stages' cached activation maps. Nothing changes with the body unfrozen
+    otherwise, without features, under torch.distributed (every process then runs the body on its
+    shard), or inside another such block.
     """
-    if (learner.features is None or isinstance(learner.model, HeadOnFeatures) or not learner.body_frozen()
+    if (learner.features is None or isinstance(learner.model, (HeadOnFeatures, UpperStages))
             or distributed.is_initialized()):
         yield
+        return
+    if not learner.body_frozen():
+        plan = learner.features.partial
+        if plan is None or learner.features.activations is None or not partial.lower_frozen(learner, plan.tune_stages):
+            yield
+            return
+        with _on_activations(learner, plan.tune_stages):
+            yield
         return
     saved = learner.model, learner.train_dl, learner.valid_dl, learner.memory_format
     started = time.perf_counter()
     train_dl, valid_dl = learner.features.loaders(learner.model, learner.device,
                                                   progress=lambda done, total: learner.call("on_features", done, total),
-                                                  precision=learner.precision.name)
+                                                  precision=learner.precision.name, tta=learner.tta)
     if learner.features.stats.get("computed"):
         learner.timings["features"] = learner.timings.get("features", 0.0) + time.perf_counter() - started
     learner.model = HeadOnFeatures(learner.model)
@@ -177,6 +234,19 @@ def head_on_features(learner):
         yield
     finally:
         learner.model, learner.train_dl, learner.valid_dl, learner.memory_format = saved
+
+
+@contextmanager
+def _on_activations(learner, tune_stages: int):
+    """The learner's model as its :class:`UpperStages` on cached maps while the block runs."""
+    saved = learner.model, learner.train_dl, learner.valid_dl
+    train_dl, valid_dl = learner.features.activations.loaders(learner.model, tta=getattr(learner, "tta", False))
+    learner.model = UpperStages(learner.model, tune_stages, learner.features.arch)
+    learner.train_dl, learner.valid_dl = train_dl, valid_dl
+    try:
+        yield
+    finally:
+        learner.model, learner.train_dl, learner.valid_dl = saved
 
 
 def imagenet_features(
@@ -222,17 +292,12 @@ def imagenet_features(
                                  cache_dir=cache_dir if cache else False, precision=precision)
     name = feature_store_name(fingerprint, view.name, extractor.precision)
     store = ArrayStore(cache_root(cache_dir) / "features" / name) if cache else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(paths), desc="features", unit="img")
+    bar = progress_bar(len(paths), desc="features", unit="img") if progress else None
 
     def report(done: int, total: int) -> None:
         if bar is not None:
             bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done - bar.n)
 
     try:
         features, _ = compute_features(list(paths), extractor, view, mean=backbone.mean, std=backbone.std,

@@ -53,6 +53,20 @@ def test_array_store_round_trip_is_atomic_and_survives_a_corrupt_entry(tmp_path)
     assert store.get("cd" * 16) is None
 
 
+def test_activation_maps_are_a_kind_of_their_own(tmp_path):
+    root = tmp_path / "cache"
+    store = cache.ArrayStore(root / "activations" / "0123abcd-valid-32-crop")
+    store.put("ef" * 16, np.zeros((2, 4, 2, 2), np.float16))
+    (root / "activations" / "notes.txt").write_text("mine")
+    cache.ArrayStore(root / "features" / "f").put("cd" * 16, np.zeros((2, 8), np.float32))
+    assert (root / cache.CACHEDIR_TAG).is_file()  # the first maps stored tag a new cache folder
+    assert cache.usage(root)["activations"]["files"] == 2
+    removed = cache.clear(root, kinds=("activations",))
+    assert removed == {"activations": {"files": 1, "bytes": removed["activations"]["bytes"]}}
+    assert store.get("ef" * 16) is None and (root / "activations" / "notes.txt").read_text() == "mine"
+    assert cache.usage(root)["features"]["files"] == 1
+
+
 def test_usage_and_clear_remove_derived_entries_only(tmp_path):
     root = tmp_path / "cache"
     cache.ArrayStore(root / "presized" / "v").put("ab" * 16, np.zeros((2, 2, 1), np.uint8))
@@ -142,7 +156,8 @@ def test_cache_commands_show_and_clear_the_cache(tmp_path):
     cache.ArrayStore(root / "features" / "f").put("cd" * 16, np.zeros((2, 8), np.float32))
     info = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(root)])
     assert info.exit_code == 0 and str(root) in info.output
-    assert [line.split()[:2] for line in info.output.splitlines()[1:]] == [["presized", "1"], ["features", "1"], ["onnx", "0"]]
+    assert [line.split()[:2] for line in info.output.splitlines()[1:]] == [["presized", "1"], ["features", "1"],
+                                                                         ["activations", "0"], ["onnx", "0"]]
     cleared = CliRunner().invoke(cli, ["cache", "clear", "--cache-dir", str(root), "--only", "features"])
     assert cleared.exit_code == 0 and "removed 1 files" in cleared.output
     assert cache.usage(root)["features"]["files"] == 0 and cache.usage(root)["presized"]["files"] == 1
@@ -227,7 +242,7 @@ def test_clear_refuses_a_folder_that_is_not_an_imgtune_cache(tmp_path):
     assert f"{mine}: not an imgtune cache" in line and "pass the cache folder imgtune made" in line
     info = CliRunner().invoke(cli, ["cache", "info", "--cache-dir", str(mine)])
     assert info.exit_code == 0 and [line.split()[:2] for line in info.output.splitlines()[1:]] == [
-        ["presized", "1"], ["features", "1"], ["onnx", "0"]]
+        ["presized", "1"], ["features", "1"], ["activations", "0"], ["onnx", "0"]]
     assert everything(mine) == before  # info tags nothing, clear deleted nothing
 
     other = tmp_path / "other-tool"  # another program's cache: its tag is not imgtune's

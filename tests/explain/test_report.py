@@ -173,3 +173,31 @@ def test_a_hostile_report_in_a_real_browser(tmp_path):
     assert first_column == HOSTILE
     assert command == "imgtune train '<x>' && rm -r <y>"
     assert all(url.startswith(("file:", "data:")) for url in requests)
+
+
+def test_the_report_shows_the_macro_figures_and_the_classes_never_recognised():
+    import numpy as np
+
+    from imgtune.explain.interpret import Interpretation
+    from imgtune.explain.report import render_report, report_values
+
+    # 'rare' (2 images) is never predicted: 75% accuracy, balanced accuracy (1 + 1 + 0) / 3.
+    probs = np.eye(3, dtype=np.float32)[[0, 0, 0, 0, 1, 1, 0, 0]]
+    interp = Interpretation(["common", "other", "rare"], probs, np.array([0, 0, 0, 0, 1, 1, 2, 2]))
+    meta = dict(arch="a", timm_name="t", size=32, resize="crop", tta="flip", training=dict(balance=True))
+    history = [dict(epoch=1, phase="frozen", train_loss=1.0, valid_loss=0.9, accuracy=0.75, balanced_accuracy=2 / 3,
+                    seconds=1.0)]
+    values = report_values(interp=interp, metrics=dict(history=history), meta=meta)
+    assert values["balanced_accuracy"] == pytest.approx(2 / 3) and values["macro_f1"] == pytest.approx(0.6)
+    assert values["missed"] == ["rare"] and values["history"][0][5] == "66.67%"
+    assert [row[0] for row in values["per_class"]] == ["common", "other", "rare", "macro avg"]
+    page = render_report(title="t", interp=interp, metrics=dict(history=history), meta=meta, figures={})
+    assert "balanced accuracy 66.67%" in page and "macro F1 0.600" in page
+    assert "Never recognised: rare" in page
+    assert "training loss weighted by inverse class frequency" in page
+    assert "validation with test-time augmentation (flip)" in page
+    assert "<th>balanced accuracy</th>" in page
+    # A run without them says nothing of either.
+    plain = render_report(title="t", interp=interp, metrics={}, meta=dict(arch="a", timm_name="t", size=32,
+                                                                          resize="crop"), figures={})
+    assert "weighted by inverse" not in plain and "test-time augmentation" not in plain
