@@ -15,6 +15,10 @@ class UnreadableImageError(ImgtuneError):
     ``kind`` says why, for callers that answer differently (the web demo's status codes):
     ``"missing"``, ``"empty"``, ``"format"`` (not an image, or not an allowed format),
     ``"pixels"`` (too many: a possible decompression bomb) or ``"decode"`` (truncated or corrupt).
+
+    Args:
+        message: one line naming the file and what is wrong.
+        kind: one of the kinds above.
     """
 
     def __init__(self, message: str, kind: str = "decode"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 
 import click
 
@@ -40,12 +39,11 @@ def download(source, dest, workers, timeout, deadline, retries, max_bytes, retry
     Only files that decode as images are kept, exact duplicates are skipped, and a manifest in --dest
     (.imgtune-downloads.json) makes a second run fetch only what is still missing.
     """
-    from tqdm import tqdm
-
     from imgtune.curate.download import download_images, read_sources
+    from imgtune.progress import progress_bar
 
     total = len(read_sources(source))
-    with tqdm(total=total, unit="url", file=sys.stderr, disable=total < PROGRESS_MIN_FILES) as bar:
+    with progress_bar(total, desc="download", unit="url", disable=total < PROGRESS_MIN_FILES) as bar:
         report = download_images(source, dest, workers=workers, timeout=timeout, deadline=deadline, retries=retries,
                                  max_bytes=max_bytes, retry_failed=retry_failed, refuse_private=refuse_private,
                                  progress=lambda url, outcome: bar.update())

@@ -33,6 +33,15 @@ def parse_epochs(value: str, name: str) -> int | None:
     return int(value)
 
 
+def parse_tune_stages(value: str) -> int | str:
+    """``"auto"`` -> ``"auto"``; otherwise a count of stages >= 0 (``--tune-stages``)."""
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", param_hint="--tune-stages")
+    return int(value)
+
+
 def _apply(options: list, function):
     """Decorate ``function`` with ``options``, the first listed shown first in ``--help``."""
     for option in reversed(options):
@@ -86,6 +95,11 @@ PRECISION_OPTION = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="On a CUDA GPU: bf16 autocast, fp16 autocast with loss scaling, or fp32; auto is bf16 on GPUs that "
     "compute in it natively (compute capability 8.0 on: A100, H100, RTX 30xx...), else fp16. Off CUDA: fp32.")
+
+LOG_OPTION = click.option(
+    "--log", type=click.Choice(["tensorboard"]), default=None,
+    help="Also log to TensorBoard: event files in the run folder (see them with `tensorboard --logdir runs`; "
+    "needs pip install 'imgtune[tensorboard]'). history.csv is always written.")
 
 COMPILE_OPTION = click.option(
     "--compile", "compile_model", is_flag=True,

@@ -10,6 +10,7 @@ import click
 
 from imgtune.cli.options import (
     COMPILE_OPTION,
+    LOG_OPTION,
     PRECISION_OPTION,
     cache_kwargs,
     cache_options,
@@ -20,9 +21,10 @@ from imgtune.cli.options import (
     parallel_options,
     parse_epochs,
     parse_lr,
+    parse_tune_stages,
 )
 from imgtune.errors import ImgtuneError
-from imgtune.train.defaults import AUTO_STEPS
+from imgtune.train.defaults import AUTO_STEPS, PARTIAL
 
 EPILOG_TRAIN = """\b
 Examples:
@@ -39,18 +41,29 @@ Examples:
 @data_options
 @model_options
 @click.option("--epochs", default="auto", show_default=True,
-              help=f"Epochs with the whole network unfrozen; auto: enough for {AUTO_STEPS['unfrozen']} steps, "
-              "at least 2.")
+              help=f"Epochs with the whole network unfrozen (with --tune-stages N: of the partial phase); auto: on a "
+              f"GPU enough for {AUTO_STEPS['unfrozen']} steps, at least 2; on a CPU none, or partial fine-tuning "
+              "(--tune-stages auto).")
 @click.option("--freeze-epochs", default="auto", show_default=True,
               help=f"Epochs training the new head only, first; auto: enough for {AUTO_STEPS['frozen']} steps, "
               "at least 1.")
 @click.option("--lr", default=None, help="Learning rate: a number, or LOW:HIGH for discriminative rates "
               "(first layers..head) once unfrozen.  [default: auto, from the lr finder]")
 @click.option("--no-augment", is_flag=True, help="Turn off training augmentation.")
+@click.option("--balance", is_flag=True, help="Weigh the training loss by inverse class frequency (for imbalanced "
+              "classes: each class counts as much as the others).")
+@click.option("--tta", is_flag=True, help="Test-time augmentation: validate (and, in the bundle, predict) on the mean "
+              "probabilities of each picture and its mirror image.")
+@click.option("--tune-stages", default="auto", show_default=True, metavar="N|auto",
+              help="On a CPU, after the head: fine-tune the body's last N stages on their cached input maps "
+              f"(--epochs of them); auto (only without --epochs): when the training split has >= {PARTIAL['min_images_per_class']} images per "
+              f"class, the most stages (<= {PARTIAL['max_stages']}) that fit about {PARTIAL['budget_seconds']:.0f} s; "
+              "0: the head only. Ignored on a GPU (whole-network fine-tuning).")
 @cache_options
 @parallel_options
 @PRECISION_OPTION
 @COMPILE_OPTION
+@LOG_OPTION
 @click.option("--no-report", is_flag=True, help="Skip report.html (interpretation and figures) at the end.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder.  [default: runs/<data>-<timestamp>]")
 @click.option("--overwrite", is_flag=True, help="Allow writing into a non-empty --out folder (replaces the files "
@@ -61,8 +74,8 @@ Examples:
               help="Save checkpoint.pt after an epoch only if this long has passed since the last one (the "
               "last epoch of each phase always); 0: after every epoch.")
 def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, weights, size, resize, bs,
-          num_workers, device, epochs, freeze_epochs, lr, no_augment, no_feature_cache, no_cache, cache_dir, accumulate,
-          sync_bn, precision, compile_model, no_report, out, overwrite, resume, checkpoint_every):
+          num_workers, device, epochs, freeze_epochs, lr, no_augment, balance, tta, tune_stages, no_feature_cache, no_cache, cache_dir,
+          accumulate, sync_bn, precision, compile_model, log, no_report, out, overwrite, resume, checkpoint_every):
     """Fine-tune a pretrained network on DATA: a folder, a dataset name (see `imgtune datasets`),
     or nothing for the embedded default (elpv solar cells).
 
@@ -71,6 +84,7 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
     """
     epochs, freeze_epochs = parse_epochs(epochs, "--epochs"), parse_epochs(freeze_epochs, "--freeze-epochs")
     lr = parse_lr(lr)  # usage errors first, before the seconds of importing torch
+    tune_stages = parse_tune_stages(tune_stages)
     fit_threads_to_cores()
     from imgtune.train import distributed
     from imgtune.train.run import train as run_training
@@ -80,7 +94,7 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
         data, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, weights=weights, size=size,
         resize=resize, bs=bs, augment=not no_augment, num_workers=num_workers, seed=seed, device=device, out=out,
         overwrite=overwrite, report=not no_report, command=shlex.join(["imgtune", *sys.argv[1:]]), resume=resume,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, balance=balance, tta=tta, log=log, tune_stages=tune_stages,
         **cache_kwargs(no_feature_cache, no_cache, cache_dir), accumulate=accumulate, sync_bn=sync_bn,
         precision=precision, compile_model=compile_model, **data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify),
     )
@@ -88,7 +102,8 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
     if not distributed.is_main():
         return
     click.echo((result.run_dir / "summary.txt").read_text().rstrip())
-    click.secho(f"validation accuracy {100 * result.metrics['valid_accuracy']:.2f}%", bold=True)
+    click.secho(f"validation accuracy {100 * result.metrics['valid_accuracy']:.2f}% (balanced accuracy "
+                f"{100 * result.metrics['balanced_accuracy']:.2f}%)", bold=True)
     written = ", report.html" if not no_report and "report_error" not in result.metrics else ""
     click.echo(f"run saved to {result.run_dir} (model.safetensors, model.json, metrics.json, summary.txt{written})")
 

@@ -14,6 +14,7 @@ from imgtune.data.sources import PETS_LABEL_RE, Item, ItemList, items_from_name_
 from imgtune.data.cache import default_cache_dir
 from imgtune.errors import ImgtuneError
 from imgtune.files import atomic_write
+from imgtune.progress import progress_bar
 
 DEFAULT = "elpv"
 
@@ -159,16 +160,23 @@ def _save_body(client, response, url: str, part: Path, offset: int, chunk: int) 
     resumed = bool(offset) and response.status == 206
     length = response.headers.get("Content-Length")
     expected = None if length is None else int(length) + (offset if resumed else 0)
+    # Megabytes, for a download of hundreds of them (the pets archive: 790 MB).
+    bar = progress_bar(None if expected is None else expected / 1e6, desc=f"download {part.stem}",
+                       unit="MB")
+    bar.update(offset / 1e6 if resumed else 0)
     try:
         with open(part, "ab" if resumed else "wb") as out:
             for block in client.chunks(response, chunk):
                 out.write(block)
+                bar.update(len(block) / 1e6)
     except OSError as error:  # writing, not reading
         raise ImgtuneError(f"{url}: download interrupted ({error}); run again to resume it") from None
     except FetchError as error:
         # What arrived stays in the .part file, so that the next run resumes instead of starting over.
         if expected is None:
             raise ImgtuneError(f"{url}: download interrupted ({error.reason}); run again to resume it") from None
+    finally:
+        bar.close()
     received = part.stat().st_size
     if expected is not None and received < expected:
         raise ImgtuneError(

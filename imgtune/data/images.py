@@ -24,6 +24,14 @@ STRIP_PIXELS = 1 << 20
 def load_image(path: str | Path, *, min_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file as an upright RGB picture (see :func:`decode_image`).
 
+    Args:
+        path: the image file.
+        min_size: decode a JPEG at a reduced scale whose shorter side is still at least this (faster).
+        max_pixels: refuse larger images (decompression bombs).
+
+    Returns:
+        A PIL image in RGB mode, EXIF orientation applied.
+
     Raises:
         UnreadableImageError: the file is missing, empty, truncated, not an image or too large; the
             message starts with the file's name.

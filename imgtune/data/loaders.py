@@ -101,7 +101,21 @@ class ImageData:
         view: ImageView | None = None,
     ) -> ImageData:
         """Check the images (unless ``check=False``; through the presize cache of ``view`` when given),
-        split them and fix the class order."""
+        split them and fix the class order.
+
+        Args:
+            found: the items a source found (see :func:`find_items`).
+            valid_pct, stratify, seed: the split (see :func:`imgtune.data.split.split_items`).
+            check: decode every image first and skip unreadable ones.
+            max_pixels: refuse larger images.
+            view: check through this :class:`ImageView`'s presize cache.
+
+        Returns:
+            An :class:`ImageData`.
+
+        Raises:
+            ImgtuneError: fewer than two classes, or a class without readable images.
+        """
         items, skipped = list(found.items), list(found.skipped)
         # Classes come from every item found, so a class whose files are all unreadable fails
         # validate() with its name instead of silently vanishing from the model.
@@ -148,13 +162,46 @@ class ImageData:
             lines.append(f"  ... and {len(self.skipped) - 10} more skipped files (listed in metrics.json)")
         return "\n".join(lines)
 
+    def show_batch(self, n: int = 12, *, augmented: bool = True, seed: int = 0, size: int = 224,
+                   resize: str = "crop"):
+        """``n`` training pictures as the model sees them, titled with their labels (a notebook shows
+        the figure; ``fig.savefig(path)`` writes it). The report's ``samples.png`` is drawn the same way.
+
+        Args:
+            n: how many pictures.
+            augmented: with the training augmentation (flip, rotate, zoom, lighting); else only resized.
+            seed: picks the pictures and seeds the augmentation (torch's global generator is left as it was).
+            size, resize: as the learner's (see :meth:`imgtune.train.learner.Learner.from_data`).
+
+        Returns:
+            A :class:`matplotlib.figure.Figure` (made without pyplot: nothing to close).
+        """
+        from imgtune.data.show import plot_samples
+
+        train_ds, _ = self.datasets(size=size, resize=resize, mean=(0.0,) * 3, std=(1.0,) * 3, augment=augmented,
+                                    normalize=False)  # uint8 pictures: nothing to undo for display
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return plot_samples(train_ds, self.classes, n=n, seed=seed)
+
     def datasets(
         self, *, size: int, resize: str, mean, std, augment: bool = True, cache: bool = False, cache_dir=None,
         normalize: bool = True,
     ) -> tuple[ImageDataset, ImageDataset]:
         """Train and valid datasets. With ``cache``, each image is decoded and presized once and the
         picture kept on disk (see :class:`ImageView`), so later epochs and runs skip the decoding.
-        ``normalize=False``: uint8 pictures, for :class:`DeviceNormalize` to normalise on the GPU."""
+        ``normalize=False``: uint8 pictures, for :class:`DeviceNormalize` to normalise on the GPU.
+
+        Args:
+            size, resize: the picture side and how to fit it (``"crop"``, ``"squish"``, ``"pad"``).
+            mean, std: the backbone's normalisation.
+            augment: augment the training pictures.
+            cache, cache_dir: keep presized pictures on disk, and where.
+            normalize: normalise here (else uint8 pictures).
+
+        Returns:
+            ``(train, valid)`` datasets of ``(picture, class index)``.
+        """
         index = {c: i for i, c in enumerate(self.classes)}
         store = cache_dir if cache else False
         valid_view = ImageView(size, resize, cache_dir=store)
@@ -197,7 +244,20 @@ class ImageData:
         are uint8 pictures in pinned memory (a quarter of float32's bytes, copied without waiting),
         to be normalised on the GPU by :class:`DeviceNormalize`; the workers are more (see
         :func:`default_num_workers`), and the valid loader's start for each evaluation instead of
-        idling beside the training loader's."""
+        idling beside the training loader's.
+
+        Args:
+            size, resize, mean, std, augment, cache, cache_dir: as for :meth:`datasets`.
+            bs: the batch size (the valid loader's is twice it).
+            num_workers: loader processes (default: :func:`default_num_workers`).
+            seed: seeds the shuffling and the augmentation.
+            pin_memory: pinned batches (always on for CUDA).
+            shard: ``(rank, world_size)``, ``"auto"`` or ``None``, as above.
+            device: where the batches go, as above.
+
+        Returns:
+            ``(train_dl, valid_dl)``.
+        """
         cuda = device is not None and torch.device(device).type == "cuda"
         train_ds, valid_ds = self.datasets(size=size, resize=resize, mean=mean, std=std, augment=augment,
                                            cache=cache, cache_dir=cache_dir, normalize=not cuda)

@@ -21,6 +21,7 @@ from imgtune.data.loaders import ImageData, load_data
 from imgtune.data.transforms import valid_transform
 from imgtune.errors import ImgtuneError
 from imgtune.explain import gradcam
+from imgtune.html_repr import table
 from imgtune.models import gradcam_layer
 
 #: The smallest probability a loss is computed from, so a confident mistake costs ~69, not infinity.
@@ -38,6 +39,14 @@ class TopLoss:
     probability: float  # the model's probability of `predicted`
     actual_probability: float
     loss: float
+
+
+class ConfusedPairs(list):
+    """``(actual, predicted, count)`` tuples, most frequent first: a plain list (index it, slice it,
+    compare it with a list), which a notebook shows as a table (``_repr_html_``)."""
+
+    def _repr_html_(self) -> str:
+        return table(["actual", "predicted", "count"], self, caption="most confused")
 
 
 class Interpretation:
@@ -95,6 +104,13 @@ class Interpretation:
         """Predict over ``dl`` (the learner's validation loader by default), one batch at a time.
 
         The image files come from ``dl.dataset.items`` when the dataset has them.
+
+        Args:
+            learner: a trained :class:`imgtune.Learner`.
+            dl: a loader of ``(images, targets)`` (default: the validation set).
+
+        Returns:
+            An :class:`Interpretation` with the learner's model, for Grad-CAM.
         """
         # Without a dl, get_preds reads the validation set's cached features while the body is frozen.
         probs, targets, losses = learner.get_preds(dl)  # keeps (N, C) probabilities, never the images
@@ -154,7 +170,14 @@ class Interpretation:
 
     @classmethod
     def for_model(cls, predictor) -> "Interpretation":
-        """No predictions, only a loaded bundle's model: for :meth:`grad_cam` and :meth:`overlay` on new images."""
+        """No predictions, only a loaded bundle's model: for :meth:`grad_cam` and :meth:`overlay` on new images.
+
+        Args:
+            predictor: a PyTorch :class:`imgtune.Predictor`.
+
+        Returns:
+            An :class:`Interpretation` with no validation items.
+        """
         no_items = np.zeros((0, len(predictor.classes)), dtype=np.float32)
         return cls(predictor.classes, no_items, np.zeros(0, dtype=np.int64), **_model_of(predictor))
 
@@ -176,17 +199,31 @@ class Interpretation:
         np.add.at(matrix, (self.targets, self.preds), 1)
         return matrix
 
-    def most_confused(self, min_count: int = 1) -> list[tuple[str, str, int]]:
+    def most_confused(self, min_count: int = 1) -> ConfusedPairs:
         """``(actual, predicted, count)`` for each mistake made at least ``min_count`` times,
-        most frequent first, then by the names."""
+        most frequent first, then by the names.
+
+        Args:
+            min_count: leave out pairs confused fewer times.
+
+        Returns:
+            A :class:`ConfusedPairs`: a list, which a notebook shows as a table.
+        """
         matrix = self.confusion_matrix()
         pairs = [(self.classes[a], self.classes[p], int(matrix[a, p]))
                  for a in range(len(self.classes)) for p in range(len(self.classes))
                  if a != p and matrix[a, p] >= max(1, min_count)]
-        return sorted(pairs, key=lambda pair: (-pair[2], pair[0], pair[1]))
+        return ConfusedPairs(sorted(pairs, key=lambda pair: (-pair[2], pair[0], pair[1])))
 
     def top_losses(self, k: int = 9) -> list[TopLoss]:
-        """The ``k`` items with the highest loss, highest first (ties in validation-set order)."""
+        """The ``k`` items with the highest loss, highest first (ties in validation-set order).
+
+        Args:
+            k: how many.
+
+        Returns:
+            A :class:`TopLoss` per item.
+        """
         order = np.argsort(-self.losses, kind="stable")[:k]
         preds = self.preds
         return [
@@ -220,6 +257,48 @@ class Interpretation:
         rows.append({"class": "macro avg", **macro, "support": len(self.targets)})
         return rows
 
+    # --- figures (a notebook shows a returned Figure; ``fig.savefig(path)`` writes one) ---------------
+
+    def plot_confusion_matrix(self, normalize: bool = False):
+        """The confusion matrix as a matplotlib Figure (the report's ``confusion_matrix.png``).
+
+        Args:
+            normalize: each row as fractions of its actual class instead of counts.
+        """
+        from imgtune.explain.figures import plot_confusion_matrix
+
+        return plot_confusion_matrix(self.confusion_matrix(), self.classes, normalize=normalize)
+
+    def plot_top_losses(self, k: int = 9, *, cam: bool = True):
+        """The ``k`` worst validation images as a Figure, titled actual / predicted, loss and probability,
+        each with its Grad-CAM overlay when ``cam`` and the model has a Grad-CAM layer (the report's
+        ``top_losses.png``).
+
+        Args:
+            k: how many images.
+            cam: overlay each picture's Grad-CAM heatmap.
+
+        Returns:
+            A :class:`matplotlib.figure.Figure`.
+        """
+        from imgtune.explain.figures import plot_top_losses
+
+        return plot_top_losses(self, k, cam=cam)
+
+    def plot_cam(self, image, class_index: int | None = None):
+        """A Figure of ``image`` as the model sees it and its Grad-CAM heatmap (see :meth:`grad_cam`).
+
+        Args:
+            image: a path, a PIL image, an array or a ``(3, H, W)`` model input.
+            class_index: the class to explain (``None``: the predicted one).
+
+        Returns:
+            A :class:`matplotlib.figure.Figure`.
+        """
+        from imgtune.explain.figures import plot_cam
+
+        return plot_cam(self, image, class_index)
+
     # --- where the model looks --------------------------------------------------------------------
 
     def grad_cam(self, image, class_index: int | None = None) -> np.ndarray:
@@ -244,6 +323,34 @@ class Interpretation:
         layer = gradcam_layer(self.model, self.arch)
         return gradcam.grad_cam(self.model, layer, self.input_tensor(image), class_index, name=self.arch)
 
+    def probabilities(self, image) -> np.ndarray:
+        """The model's ``(C,)`` float32 class probabilities for one image (given as for :meth:`grad_cam`).
+
+        The model runs in eval mode and each module's mode is restored afterwards.
+
+        Args:
+            image: a path, a PIL image, an array or a ``(3, H, W)`` model input.
+
+        Returns:
+            The ``(C,)`` probabilities, in the order of ``classes``.
+
+        Raises:
+            ImgtuneError: this Interpretation has no model.
+        """
+        if self.model is None:
+            raise ImgtuneError("this Interpretation has no model; build it with from_learner or from_run")
+        param = next(self.model.parameters(), None)
+        x = self.input_tensor(image).unsqueeze(0).to(param.device if param is not None else "cpu")
+        modes = {module: module.training for module in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                logits = self.model(x).float()
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return logits.softmax(1)[0].cpu().numpy()
+
     def overlay(self, image, heatmap: np.ndarray, alpha: float = 0.45, *, cmap: str = "jet") -> Image.Image:
         """``image`` as the model saw it (resized, cropped, de-normalised) with ``heatmap`` drawn over it.
 
@@ -259,7 +366,14 @@ class Interpretation:
         return gradcam.overlay(self.model_view(image), heatmap, alpha, cmap=cmap)
 
     def model_view(self, image) -> np.ndarray:
-        """``image`` as the model sees it, de-normalised: an ``(H, W, 3)`` uint8 array."""
+        """``image`` as the model sees it, de-normalised.
+
+        Args:
+            image: a path, a PIL image, an array or a ``(3, H, W)`` model input.
+
+        Returns:
+            An ``(H, W, 3)`` uint8 array.
+        """
         x = self.input_tensor(image).detach().float().cpu()
         mean = torch.tensor(self.meta.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
         std = torch.tensor(self.meta.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
@@ -271,6 +385,15 @@ class Interpretation:
 
         Compute it once and pass it to :meth:`grad_cam`, :meth:`model_view` and :meth:`overlay` to
         decode and transform an image file only once.
+
+        Args:
+            image: a path, a PIL image, an ``(H, W, 3)`` array, or a ``(3, H, W)`` tensor (returned as is).
+
+        Returns:
+            The ``(3, H, W)`` float tensor.
+
+        Raises:
+            ImgtuneError: no transform to make one; ValueError, TypeError: an input of the wrong shape or type.
         """
         if isinstance(image, torch.Tensor):
             if image.dim() != 3:

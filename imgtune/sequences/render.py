@@ -78,7 +78,17 @@ class RenderResult:
 
 
 def find_sessions(root: str | Path) -> list[Session]:
-    """Every file below ``root/<label>/`` (recursively, sorted) as a session of that label."""
+    """Every file below ``root/<label>/`` (recursively, sorted) as a session of that label.
+
+    Args:
+        root: a folder with one subfolder of session files per label (hidden files are skipped).
+
+    Returns:
+        The sessions, by label then path.
+
+    Raises:
+        ImgtuneError: ``root`` is not a folder, or has no session files in label subfolders.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ImgtuneError(f"{root}: no such folder; pass a folder with one subfolder of session files per label")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 from imgtune.files import atomic_write
+from imgtune.progress import interactive, progress_bar
 from imgtune.train import distributed
 
 
@@ -26,13 +27,12 @@ class History:
         self.records: list[dict] = []
 
     def after_epoch(self, learner) -> None:
+        """Keep a copy of the epoch's metrics.
+
+        Args:
+            learner: the learner that finished an epoch (its ``epoch_metrics``).
+        """
         self.records.append(dict(learner.epoch_metrics))
-
-
-def _interactive(stream: TextIO) -> bool:
-    if "ipykernel" in sys.modules:
-        return True
-    return hasattr(stream, "isatty") and stream.isatty()
 
 
 class ProgressCallback:
@@ -56,7 +56,12 @@ class ProgressCallback:
         return self.stream or sys.stderr
 
     def before_fit(self, learner) -> None:
-        use_bar = _interactive(self._out) if self.bar is None else self.bar
+        """Start a bar for the fit's steps (or print how many there are).
+
+        Args:
+            learner: the learner about to fit (its ``phase``, ``total_steps`` and ``step``).
+        """
+        use_bar = interactive(self._out) if self.bar is None else self.bar
         use_bar = use_bar and distributed.is_main()  # under torchrun only rank 0 reports
         self._start = self._last_print = time.monotonic()
         resumed = f", resumed after step {learner.step}" if learner.step else ""
@@ -67,6 +72,11 @@ class ProgressCallback:
             self._write(f"{learner.phase}: {learner.total_steps} steps{resumed}")
 
     def after_batch(self, learner) -> None:
+        """Advance the bar, or print a line when ``interval`` seconds have passed.
+
+        Args:
+            learner: the learner that made a step (its ``step`` and ``loss``).
+        """
         now = time.monotonic()
         if self._pbar is not None:
             self._pbar.update(1)
@@ -82,6 +92,11 @@ class ProgressCallback:
                         f" loss {learner.loss:.4f} {now - self._start:.0f}s")
 
     def after_epoch(self, learner) -> None:
+        """Print the epoch's line: losses, accuracy, error rate and seconds.
+
+        Args:
+            learner: the learner that finished an epoch.
+        """
         m = learner.epoch_metrics
         self._write(
             f"epoch {m['epoch']}/{learner.epochs} {m['phase']:<8} train_loss {m['train_loss']:.4f}"
@@ -90,15 +105,25 @@ class ProgressCallback:
         )
 
     def after_fit(self, learner) -> None:
+        """Close the bar.
+
+        Args:
+            learner: the learner that finished fitting.
+        """
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
 
     def on_features(self, learner, done: int, total: int) -> None:
-        """Backbone features being computed for the frozen phase: ``done`` of ``total`` images."""
+        """Backbone features being computed for the frozen phase: ``done`` of ``total`` images.
+
+        Args:
+            learner: the learner computing them.
+            done, total: images done so far, and in all.
+        """
         if done == 0:
             self._start = self._last_print = time.monotonic()
-            if _interactive(self._out) if self.bar is None else self.bar:
+            if interactive(self._out) if self.bar is None else self.bar:
                 self._pbar = self._bar(total, "features", unit="img")
             else:
                 self._write(f"features: {total} images (computed once, then cached)")
@@ -112,9 +137,7 @@ class ProgressCallback:
             self._write(f"features: {total} images in {time.monotonic() - self._start:.1f}s")
 
     def _bar(self, total: int, desc: str, unit: str = "it"):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit, file=self._out, leave=False, dynamic_ncols=True)
+        return progress_bar(total, desc=desc, unit=unit, stream=self._out, bar=True, leave=False)
 
     def _write(self, line: str) -> None:
         if not distributed.is_main():
@@ -126,16 +149,32 @@ class ProgressCallback:
 
 
 class EarlyStopping:
-    """Stop when ``monitor`` has not improved for ``patience`` epochs (lower is better for losses)."""
+    """Stop when ``monitor`` has not improved for ``patience`` epochs (lower is better for losses).
+
+    Args:
+        monitor: an ``epoch_metrics`` key (``"valid_loss"``, ``"accuracy"``, ...).
+        patience: epochs without improvement before stopping.
+        min_delta: the least change that counts as an improvement.
+    """
 
     def __init__(self, monitor: str = "valid_loss", patience: int = 2, min_delta: float = 0.0):
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
         self.lower_is_better = "loss" in monitor or "error" in monitor
 
     def before_fit(self, learner) -> None:
+        """Forget the previous fit's best value.
+
+        Args:
+            learner: the learner about to fit.
+        """
         self.best, self.wait = math.inf, 0
 
     def after_epoch(self, learner) -> None:
+        """Count the epochs without improvement; set ``learner.should_stop`` after ``patience`` of them.
+
+        Args:
+            learner: the learner that finished an epoch (its ``epoch_metrics``).
+        """
         value = learner.epoch_metrics[self.monitor]
         score = value if self.lower_is_better else -value
         if score < self.best - self.min_delta:
@@ -147,7 +186,12 @@ class EarlyStopping:
 
 
 class CheckpointCallback:
-    """Save the weights (safetensors) to ``path`` after each epoch where ``monitor`` improves."""
+    """Save the weights (safetensors) to ``path`` after each epoch where ``monitor`` improves.
+
+    Args:
+        path: the ``.safetensors`` file (replaced atomically each time).
+        monitor: an ``epoch_metrics`` key; lower is better for losses and error rates.
+    """
 
     def __init__(self, path: str | Path, monitor: str = "valid_loss"):
         self.path, self.monitor = Path(path), monitor
@@ -155,6 +199,11 @@ class CheckpointCallback:
         self.best = math.inf
 
     def after_epoch(self, learner) -> None:
+        """Save the weights when the epoch improved on the best ``monitor`` value so far.
+
+        Args:
+            learner: the learner that finished an epoch (its ``epoch_metrics`` and ``model``).
+        """
         value = learner.epoch_metrics[self.monitor]
         score = value if self.lower_is_better else -value
         if score < self.best and distributed.is_main():  # every process has the same weights; one writes

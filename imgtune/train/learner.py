@@ -24,7 +24,8 @@ from imgtune.data.loaders import ImageData
 from imgtune.deploy.bundle import save_bundle
 from imgtune.errors import ImgtuneError
 from imgtune.models import DEFAULT_ARCH, IMAGENET
-from imgtune.train import build, checkpoint, distributed, evaluate, freezing, schedule
+from imgtune.train import build, checkpoint, distributed, evaluate, freezing, partial, schedule
+from imgtune.train.balance import loss_function
 from imgtune.train.callbacks import History
 from imgtune.train.config import TrainConfig
 from imgtune.train.device import Precision, adamw, configure_cuda, default_device, out_of_memory_error, to_device
@@ -48,6 +49,24 @@ class Learner:
     ``torch.compile`` (allowed off CUDA too, where it costs more to start than it saves on a short run).
     ``normalize`` normalises uint8 picture batches on the device (:class:`imgtune.data.loaders.DeviceNormalize`:
     what :meth:`from_data`'s CUDA loaders send).
+
+    ``balance`` weighs the training loss by inverse class frequency (:mod:`imgtune.train.balance`); ``tta``
+    computes validation predictions as the mean probabilities of each picture and its mirror image
+    (:func:`imgtune.train.evaluate.predict`). Both are recorded in the config (``balance``, ``tta``).
+
+    Args:
+        model: the network; ``train_dl`` and ``valid_dl``: its loaders of ``(images, targets)``.
+        classes: the class names, in the order of the model's outputs.
+        groups: the parameters in layer groups, input side first (default: one group of them all).
+        wd: AdamW's weight decay.
+        device, mixed_precision, precision, channels_last, compile_model: where and how the steps run.
+        bn_stats: ``"frozen"`` or ``"train"``: BatchNorm statistics in the unfrozen groups.
+        callbacks: more callbacks (a :class:`History` is always there).
+        config: the training config recorded in the bundle.
+        features: cached backbone features the head trains on while the body is frozen.
+        accumulate, sync_bn, max_grad_norm: micro-batches per step, synchronised BatchNorm under
+            torchrun, gradient clipping.
+        normalize, balance, tta: as described above.
     """
 
     def __init__(self, model: nn.Module, train_dl, valid_dl, *, classes: Sequence[str],
@@ -56,7 +75,8 @@ class Learner:
                  channels_last: bool = True, bn_stats: str = "frozen", callbacks: Iterable = (),
                  config: TrainConfig | dict | None = None, features: FeatureSource | None = None,
                  accumulate: int = 1, sync_bn: bool = False, max_grad_norm: float | None = None,
-                 precision: str = "auto", compile_model: bool = False, normalize=None):
+                 precision: str = "auto", compile_model: bool = False, normalize=None, balance: bool = False,
+                 tta: bool = False):
         self.device = torch.device(device) if device else default_device()
         if accumulate < 1:
             raise ImgtuneError(f"`accumulate` must be 1 or more, not {accumulate}")
@@ -68,7 +88,9 @@ class Learner:
         self.train_dl, self.valid_dl = train_dl, valid_dl
         self.classes = list(classes)
         self.groups = groups if groups is not None else [list(model.parameters())]
-        self.loss_func = nn.CrossEntropyLoss()
+        train_ds = getattr(train_dl, "dataset", None)
+        self.loss_func = loss_function(train_ds, len(self.classes), balance=balance).to(self.device)
+        self.tta = tta
         self.opt = adamw([{"params": g} for g in self.groups], device=self.device, lr=1e-3, weight_decay=wd)
         self.precision = Precision(self.device, mixed_precision, precision)
         if self.device.type == "cuda":
@@ -82,6 +104,7 @@ class Learner:
         self.bn_stats, self.accumulate, self.max_grad_norm = bn_stats, accumulate, max_grad_norm
         self.config = config = TrainConfig.copy_of(config, source="Learner(config=...)")  # its own: records lr
         config.accumulate, config.world_size, config.sync_bn = accumulate, distributed.world_size(), sync_bn
+        config.balance, config.tta = (True if balance else None), (evaluate.TTA_FLIP if tta else None)  # when on
         self.timings: dict[str, float] = {}
         self.phase, self.epoch, self.epochs, self.step, self.total_steps = "fit", 0, 0, 0, 0
         self.loss, self.epoch_metrics, self.should_stop = math.nan, {}, False
@@ -89,6 +112,7 @@ class Learner:
         self.features = features if features is not None and supports_features(model) else None
         self._epochs_trained = 0
         self.plan: dict | None = None  # fine_tune's epochs and rates, kept in checkpoints
+        self.valid_preds: tuple[torch.Tensor, torch.Tensor] | None = None  # the last validate()'s
 
     @classmethod
     def from_data(cls, data: ImageData, arch: str = DEFAULT_ARCH, *, weights: str | None = IMAGENET,
@@ -115,7 +139,10 @@ class Learner:
                 image (see :mod:`imgtune.train.features`) instead of running the body every step.
             cache: keep presized pictures (and features) on disk, reused by later epochs and runs.
             cache_dir: the cache folder (default ``$IMGTUNE_CACHE`` or ``~/.cache/imgtune``).
-            kwargs: the other options of :class:`Learner` (``bn_stats``, ``accumulate``, ...).
+            kwargs: ``tune_stages`` (``"auto"``, default, or a count: on a CPU, the body stages
+                :meth:`fine_tune` trains on cached activations after the head; see
+                :mod:`imgtune.train.partial`) and the other options of :class:`Learner` (``bn_stats``,
+                ``accumulate``, ...).
         """
         return build.from_data(cls, data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
                                num_workers=num_workers, seed=seed, device=device, progress=progress,
@@ -125,7 +152,11 @@ class Learner:
     # --- freezing ---------------------------------------------------------------------------------
 
     def freeze_to(self, n: int) -> None:
-        """Train layer groups ``n`` onwards only (negative ``n`` counts from the head)."""
+        """Train layer groups ``n`` onwards only (negative ``n`` counts from the head).
+
+        Args:
+            n: the first trained group (0: all, ``-1``: the head only).
+        """
         freezing.freeze_to(self.groups, n)
 
     def freeze(self) -> None:
@@ -147,7 +178,12 @@ class Learner:
     # --- training ---------------------------------------------------------------------------------
 
     def call(self, event: str, *args) -> None:
-        """Call ``event(learner, *args)`` on every callback that has such a method."""
+        """Call ``event(learner, *args)`` on every callback that has such a method.
+
+        Args:
+            event: ``"before_fit"``, ``"after_batch"``, ``"after_epoch"``, ``"after_fit"``, ``"on_features"``.
+            args: passed on after the learner.
+        """
         for cb in self.callbacks:
             method = getattr(cb, event, None)
             if method is not None:
@@ -176,6 +212,16 @@ class Learner:
         and size (``on_device``: the losses as 0-d float32 tensors on the device, so that the CPU does
         not wait for the GPU to finish the step); a CUDA out-of-memory error becomes an ImgtuneError
         naming a batch that fits.
+
+        Args:
+            micro_batches: ``count`` ``(images, targets)`` pairs.
+            count: how many.
+            lrs: one learning rate per layer group.
+            momentum: Adam's beta1 for this step (``None``: unchanged).
+            on_device: return the losses as device tensors.
+
+        Returns:
+            ``(loss, size)`` per micro-batch.
         """
         for group, lr in zip(self.opt.param_groups, lrs):  # the schedule
             group["lr"] = lr
@@ -229,6 +275,18 @@ class Learner:
         ``resume`` continues a fit a checkpoint interrupted (see :func:`imgtune.train.checkpoint.resume_points`):
         ``{"epoch": epochs done, "step": steps done, "random": random state}``, with the weights and
         optimizer already restored; the random state is put back once the fit has made its loaders.
+
+        Args:
+            epochs: epochs to train (below 1: nothing happens).
+            lr_max: the peak learning rate, or ``(low, high)`` for discriminative rates.
+            pct_start: the fraction of the steps spent warming up.
+            div, div_final: the start rate is ``lr_max / div``, the final one ``lr_max / div_final``.
+            moms: Adam's beta1 at the start, the peak and the end.
+            phase: the name recorded in the history (``"frozen"``, ``"unfrozen"``, ``"fit"``).
+            resume: as above.
+
+        Returns:
+            The learner (``self``).
         """
         if epochs < 1:
             return self
@@ -296,9 +354,28 @@ class Learner:
         ``epochs=None`` on a CPU with cached features trains the head only (see
         :meth:`auto_unfrozen_epochs`). With ``epochs=0`` the body stays frozen at the end.
 
+        On a CPU with partial fine-tuning planned (``tune_stages`` of :meth:`from_data`, see
+        :mod:`imgtune.train.partial`), step 2 trains only the body's last stages and the head, for
+        ``epochs`` (``None``: as many as fit its time budget) on the frozen stages' cached activation
+        maps (``phase="partial"``); a given pair ``(low, high)`` are then its rates. With
+        ``tune_stages="auto"``, a given ``epochs`` unfreezes the whole network as asked instead.
+
         ``resume`` (a checkpoint, see :mod:`imgtune.train.checkpoint`) continues a run that stopped: its
         weights, optimizer, history and random state come back and training goes on after the last epoch
         it saved, with its epochs and rates (``epochs`` and ``freeze_epochs`` must then agree or be ``None``).
+
+        Args:
+            epochs: unfrozen epochs (``None``: automatic).
+            base_lr: the rate, a ``(low, high)`` pair, or ``None`` for the lr finder's suggestion.
+            freeze_epochs: head-only epochs first (``None``: automatic).
+            lr_mult: the head's rate over the first layers' in the unfrozen phase.
+            resume: a checkpoint to continue from.
+
+        Returns:
+            The learner (``self``).
+
+        Raises:
+            ImgtuneError: ``resume`` with other epochs than the checkpoint's run.
         """
         self.freeze()
         if resume is not None:
@@ -308,14 +385,25 @@ class Learner:
                                    " unfrozen epochs; resume with the same `freeze_epochs` and `epochs`")
             freeze_epochs, epochs = plan["freeze_epochs"], plan["epochs"]
             head_lr, rates = plan["lr"]["frozen"], tuple(plan["lr"]["unfrozen"])
+            stages = build.resume_tune_stages(self, plan)
         else:
+            asked = epochs
             freeze_epochs, epochs, head_lr, rates = build.plan(self, epochs, base_lr, freeze_epochs, lr_mult)
+            # partial fine-tuning instead of unfreezing (imgtune.train.partial); "auto" only with epochs=None
+            stages = build.tune_stages(self, epochs_given=asked is not None)
+            rates = build.partial_rates(self, base_lr) if stages else rates
         self.config.lr = {"frozen": head_lr, "unfrozen": list(rates)}
         self.plan = dict(freeze_epochs=freeze_epochs, epochs=epochs, lr=dict(self.config.lr))
-        points = checkpoint.resume_points(resume, [("frozen", freeze_epochs), ("unfrozen", epochs)]) if resume else {}
+        if stages:  # only then: a checkpoint's plan is as it was without partial fine-tuning
+            self.plan["tune_stages"] = stages
+        second = "partial" if stages else "unfrozen"
+        points = checkpoint.resume_points(resume, [("frozen", freeze_epochs), (second, epochs)]) if resume else {}
         if points.get("frozen") is not False:
             self.fit_one_cycle(freeze_epochs, head_lr, pct_start=0.99, phase="frozen", resume=points.get("frozen"))
-        if epochs > 0:
+        if epochs > 0 and stages:
+            if points.get("partial") is not False:
+                partial.fit(self, stages, epochs, rates, resume=points.get("partial"))
+        elif epochs > 0:
             self.unfreeze()
             if points.get("unfrozen") is not False:
                 self.fit_one_cycle(epochs, rates, pct_start=0.3, div=5.0, phase="unfrozen",
@@ -330,32 +418,91 @@ class Learner:
                 diverge: float = 4.0) -> LRFinderResult:
         """Sweep the learning rate exponentially, one step per rate, until the loss diverges; weights,
         BatchNorm statistics, optimizer and random generators are restored bit for bit afterwards.
-        Returns an :class:`LRFinderResult` (see :func:`imgtune.train.lr_find.find_lr`)."""
+
+        Args:
+            start_lr, end_lr: the range swept.
+            num_steps: steps (rates) at most.
+            diverge: stop once the smoothed loss exceeds this many times its minimum.
+
+        Returns:
+            An :class:`LRFinderResult` (see :func:`imgtune.train.lr_find.find_lr`).
+        """
         return find_lr(self, start_lr, end_lr, num_steps, diverge)
 
     # --- evaluation -------------------------------------------------------------------------------
 
     def get_preds(self, dl=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Probabilities, targets and per-item losses over ``dl`` (the validation set by default; from
-        its cached features while the body is frozen)."""
+        its cached features while the body is frozen); with ``tta``, the mean over picture and mirror.
+
+        Args:
+            dl: a loader of ``(images, targets)`` (default: the validation set).
+
+        Returns:
+            ``(probs, targets, losses)``: ``(N, C)``, ``(N,)`` and ``(N,)`` CPU tensors.
+        """
         if dl is None:
             self.model.eval()  # the whole model, also when only its head runs on cached features
             with head_on_features(self):
                 return self.get_preds(self.valid_dl)
         return evaluate.predict(self.model, dl, device=self.device, memory_format=self.memory_format,
-                                precision=self.precision, normalize=self.normalize)
+                                precision=self.precision, normalize=self.normalize, tta=self.tta)
 
     def validate(self, dl=None) -> dict[str, float]:
-        """``valid_loss``, ``accuracy`` and ``error_rate`` over ``dl`` (the validation set by default)."""
-        return evaluate.metrics(*self.get_preds(dl))
+        """``valid_loss``, ``accuracy``, ``error_rate``, ``balanced_accuracy`` and ``macro_f1`` over ``dl``
+        (the validation set by default; see :func:`imgtune.train.evaluate.metrics`). The validation set's
+        probabilities and targets are kept as ``valid_preds`` (for per-class figures without another pass).
+
+        Args:
+            dl: a loader of ``(images, targets)`` (default: the validation set).
+
+        Returns:
+            The metrics, by name.
+        """
+        probs, targets, losses = self.get_preds(dl)
+        if dl is None:
+            self.valid_preds = (probs, targets)
+        return evaluate.metrics(probs, targets, losses)
 
     @property
     def history(self) -> list[dict]:
-        """One dict per epoch trained: epoch, phase, train_loss, valid_loss, accuracy, error_rate, seconds."""
+        """One dict per epoch trained: epoch, phase, train_loss, valid_loss, accuracy, error_rate,
+        balanced_accuracy, macro_f1, seconds."""
         return self.history_cb.records
 
+    def plot_losses(self):
+        """Train and valid loss and valid accuracy per epoch, as a matplotlib Figure (the report's
+        ``training.png``; see :func:`imgtune.explain.figures.plot_training`)."""
+        from imgtune.explain.figures import plot_training
+
+        return plot_training(self.history)
+
+    def show_results(self, n: int = 9, *, seed: int = 0):
+        """``n`` validation pictures titled predicted / actual, the wrong ones in red, as a Figure
+        (see :func:`imgtune.explain.figures.plot_results`).
+
+        Args:
+            n: how many pictures.
+            seed: picks the pictures.
+
+        Returns:
+            A :class:`matplotlib.figure.Figure`.
+        """
+        from imgtune.explain.figures import plot_results
+        from imgtune.explain.interpret import Interpretation
+
+        return plot_results(Interpretation.from_learner(self), n, seed=seed)
+
     def save(self, run_dir, *, metrics: dict | None = None) -> Learner:
-        """Write the model bundle (``model.safetensors`` + ``model.json``) to ``run_dir``."""
+        """Write the model bundle (``model.safetensors`` + ``model.json``) to ``run_dir``.
+
+        Args:
+            run_dir: the folder (made if missing; the two files in it are replaced).
+            metrics: final metrics recorded in ``model.json``.
+
+        Returns:
+            The learner (``self``).
+        """
         save_bundle(run_dir, model=self.model, classes=self.classes, config=dict(self.config), metrics=metrics)
         return self
 

@@ -45,8 +45,14 @@ class LRFinderResult:
 
     @classmethod
     def from_metrics(cls, metrics: dict) -> LRFinderResult | None:
-        """The curve a run recorded in its ``metrics.json`` (``metrics["lr"]["curve"]``), or ``None``
-        when the run had no lr finder (its rate was given)."""
+        """The curve a run recorded in its ``metrics.json`` (``metrics["lr"]["curve"]``).
+
+        Args:
+            metrics: a run's ``metrics.json``, loaded.
+
+        Returns:
+            An :class:`LRFinderResult`, or ``None`` when the run had no lr finder (its rate was given).
+        """
         curve = (metrics.get("lr") or {}).get("curve")
         if not curve:
             return None

@@ -25,7 +25,7 @@ from imgtune.deploy.bundle import META_FILE, WEIGHTS_FILE, versions
 from imgtune.errors import ImgtuneError, describe
 from imgtune.files import atomic_write
 from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
-from imgtune.train import distributed
+from imgtune.train import distributed, evaluate, logs
 from imgtune.train.checkpoint import (
     CHECKPOINT_FILE,
     ResumeCheckpoint,
@@ -45,6 +45,10 @@ class RunResult:
     run_dir: Path
     learner: Learner
     metrics: dict
+
+    def _repr_html_(self) -> str:
+        """The run folder, final metrics and per-epoch table, for a notebook (see :func:`logs.run_html`)."""
+        return logs.run_html(self.run_dir, self.metrics)
 
 
 def default_run_dir(source, *, root: str | Path = "runs") -> Path:
@@ -81,8 +85,12 @@ def train(
     sync_bn: bool = False,
     precision: str = "auto",
     compile_model: bool = False,
+    balance: bool = False,
+    tta: bool = False,
+    tune_stages: int | str = "auto",
     resume: str | Path | None = None,
     checkpoint_every: float = 10.0,
+    log: str | None = None,
     **data_options,
 ) -> RunResult:
     """Fine-tune ``arch`` on ``data`` with the lesson's recipe and write a run folder.
@@ -103,31 +111,46 @@ def train(
         accumulate, sync_bn, precision, compile_model: see :class:`Learner`. Under torchrun every process calls this: it joins
             the process group (:func:`imgtune.train.distributed.setup`), ``bs`` is per process, and only
             rank 0 writes the run folder.
+        balance: weigh the training loss by inverse class frequency (see :mod:`imgtune.train.balance`).
+        tta: validate on the mean probabilities of each picture and its mirror image; the bundle's
+            ``model.json`` then says ``"tta": "flip"`` and its predictors do the same.
+        tune_stages: on a CPU, the body stages trained on cached activations after the head-only
+            phase: ``"auto"`` (decided from the training split and this machine's speed), a count, or
+            0 (the head only); see :mod:`imgtune.train.partial`. On a GPU or under torchrun: ignored.
+            ``"auto"`` with ``epochs`` given is 0: the epochs then fine-tune the whole network, as asked
+            (``tune_stages=N`` with ``epochs=E`` trains ``E`` partial epochs).
         resume: the folder of a run that stopped (killed, crashed): it goes on after the last epoch
             its ``checkpoint.pt`` saved (one is written after every epoch). ``data`` and the training
             options must be those the run started with (checked); on a CPU (``num_workers=0``) the
             result is bit for bit that of a run that never stopped (see :mod:`imgtune.train.checkpoint`).
         checkpoint_every: seconds between checkpoints at the least (the last epoch of each phase is always
             saved; 0: every epoch), so epochs of milliseconds on cached features are not each written.
+        log: ``"tensorboard"`` also writes TensorBoard event files into the run folder (needs the
+            ``tensorboard`` package: ``pip install 'imgtune[tensorboard]'``); see :mod:`imgtune.train.logs`.
         Other arguments: see :meth:`Learner.from_data`.
 
     Returns:
         A :class:`RunResult`. The folder holds ``model.safetensors``, ``model.json``,
         ``metrics.json``, ``summary.txt``, ``split.csv`` (the exact split), ``run.json`` (the files
-        imgtune wrote) and, with ``report``, ``report.html`` and its figures (``lr_find.png`` when the
-        lr finder ran, ``training.png``, ``confusion_matrix.png``, ``top_losses.png``, ``samples.png``).
+        imgtune wrote), ``history.csv`` (one row per epoch), ``lr_find.csv`` when the lr finder ran
+        and, with ``report``, ``report.html`` and its figures (``lr_find.png`` when the lr finder ran,
+        ``training.png``, ``confusion_matrix.png``, ``top_losses.png``, ``samples.png``).
         Every file is written atomically; the checkpoint is removed once they are all there.
     """
     if (epochs is not None and epochs < 0) or (freeze_epochs is not None and freeze_epochs < 0) or (
         epochs == 0 and freeze_epochs == 0
     ):
         raise ImgtuneError("`epochs` and `freeze_epochs` must be >= 0 and not both 0")
+    log = logs.check_log(log)  # a missing tensorboard package fails before the slow part
+    if tune_stages == "auto" and epochs is not None:
+        tune_stages = 0  # epochs asked for: the whole network's, not a partial phase's
     started = time.perf_counter()
     device = distributed.setup(device)  # under torchrun: join the other processes (once)
     main = distributed.is_main()
     options = run_options(data, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, weights=weights,
                           size=size, resize=resize, bs=bs, augment=augment, seed=seed, feature_cache=feature_cache,
-                          accumulate=accumulate, sync_bn=sync_bn, **data_options)
+                          accumulate=accumulate, sync_bn=sync_bn, balance=balance, tta=tta, tune_stages=tune_stages,
+                          **data_options)
     state = _resume_state(resume, out, options)
     run_dir = Path(resume if resume is not None else out or default_run_dir(data if not isinstance(data, ImageData)
                                                                             else "data"))
@@ -151,10 +174,12 @@ def train(
     learner = Learner.from_data(data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
                                 num_workers=num_workers, seed=seed, device=device, progress=progress,
                                 feature_cache=feature_cache, cache=cache, cache_dir=cache_dir, accumulate=accumulate,
-                                sync_bn=sync_bn, precision=precision, compile_model=compile_model)
+                                sync_bn=sync_bn, precision=precision, compile_model=compile_model, balance=balance,
+                                tta=tta, tune_stages=tune_stages)
     finder, lr = _learning_rate(learner, lr, state)
     resumed = list((state or {}).get("run", {}).get("resumed", [])) + ([_position(state)] if state else [])
     if folder is not None:
+        learner.callbacks += logs.run_logs(folder, log=log, lr_finder=finder)
         folder.record(CHECKPOINT_FILE)
     learner.callbacks.append(ResumeCheckpoint(run_dir / CHECKPOINT_FILE, learner.model, run=dict(
         options=options, data=fingerprint, command=(state or {}).get("run", {}).get("command") or command,
@@ -234,12 +259,19 @@ def _from_rank_zero(value: str) -> str:
 
 
 def run_metrics(learner: Learner, data: ImageData, finder: LRFinderResult | None, seconds: dict, command: str) -> dict:
-    """What ``metrics.json`` records: final metrics, history, learning rates, timings, data, versions."""
+    """What ``metrics.json`` records: final metrics (accuracy, the macro figures and each class's), history,
+    learning rates, timings, data, versions."""
     final = learner.history[-1]
+    probs, targets = learner.valid_preds if learner.valid_preds is not None else learner.get_preds()[:2]
+    report = evaluate.class_report(probs, targets, learner.classes)
     return dict(
         valid_accuracy=final["accuracy"],
         error_rate=final["error_rate"],
         valid_loss=final["valid_loss"],
+        **evaluate.macro_metrics(report),
+        per_class=report[:-1],
+        balance=bool(learner.config.balance),
+        tta=learner.config.tta or evaluate.TTA_NONE,
         history=learner.history,
         lr=dict(learner.config["lr"], suggestion=finder.suggestion if finder else None,
                 curve=dict(lrs=finder.lrs, losses=finder.losses) if finder else None),
@@ -249,9 +281,21 @@ def run_metrics(learner: Learner, data: ImageData, finder: LRFinderResult | None
                   skipped=[{"path": str(s.path), "reason": s.reason} for s in data.skipped]),
         device=str(learner.device),
         cache=dict(features=learner.features.stats or None if learner.features is not None else None),
+        tune_stages=_partial_metrics(learner),
         command=command,
         versions=versions(),
     )
+
+
+def _partial_metrics(learner: Learner) -> dict:
+    """What partial fine-tuning did (see :mod:`imgtune.train.partial`): the stages trained (0: none) and,
+    when on, why, the split, the measured epoch time it was planned with and its cached maps."""
+    plan = learner.features.partial if learner.features is not None else None
+    if plan is None or not learner.config.tune_stages:
+        return dict(stages=0, reason=learner.features.partial_reason if learner.features is not None else "")
+    activations = learner.features.activations
+    return dict(stages=plan.tune_stages, reason=plan.reason, planned_epoch_seconds=plan.epoch_seconds,
+                activations=dict(activations.stats) if activations is not None else None)
 
 
 METRICS_FILE, SUMMARY_FILE, SPLIT_FILE = "metrics.json", "summary.txt", "split.csv"
@@ -265,7 +309,8 @@ def write_run_files(folder: RunFolder, learner: Learner, data: ImageData, metric
     folder.write(SPLIT_FILE, split_csv(data))
     folder.write(METRICS_FILE, metrics_json(metrics))
     folder.record(WEIGHTS_FILE, META_FILE)
-    learner.save(folder.path, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss")})
+    learner.save(folder.path, metrics={k: metrics[k] for k in ("valid_accuracy", "error_rate", "valid_loss",
+                                                                "balanced_accuracy", "macro_f1")})
 
 
 def metrics_json(metrics: dict) -> str:
@@ -363,11 +408,17 @@ def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
         f" {config['resize']}, batch {config['bs']}{_global_batch(config)}, device {metrics['device']}",
         f"lr: head {config['lr']['frozen']:.3g} frozen; {config['lr']['unfrozen'][0]:.3g}..{config['lr']['unfrozen'][1]:.3g}"
         " unfrozen",
-        "epoch  phase     train_loss  valid_loss  accuracy  seconds",
+        *(["loss: cross-entropy weighted by inverse class frequency (balance)"] if metrics.get("balance") else []),
+        *([f"partial fine-tuning: the body's last {metrics['tune_stages']['stages']} stages on cached activations"
+           f" ({metrics['tune_stages']['reason']})"] if metrics.get("tune_stages", {}).get("stages") else []),
+        *([f"validation with test-time augmentation: {metrics['tta']}"] if metrics.get("tta", "none") != "none"
+          else []),
+        "epoch  phase     train_loss  valid_loss  accuracy  balanced  seconds",
     ]
     for m in metrics["history"]:
+        balanced = f"{100 * m['balanced_accuracy']:>7.2f}%" if "balanced_accuracy" in m else f"{'-':>8}"
         lines.append(f"{m['epoch']:>5}  {m['phase']:<8}  {m['train_loss']:>10.4f}  {m['valid_loss']:>10.4f}"
-                     f"  {100 * m['accuracy']:>7.2f}%  {m['seconds']:>7.1f}")
+                     f"  {100 * m['accuracy']:>7.2f}%  {balanced}  {m['seconds']:>7.1f}")
     for where in metrics.get("resumed", []):
         lines.append(f"resumed after {where['phase']} epoch {where['epoch']}/{where['epochs']} (from its checkpoint)")
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in metrics["seconds"].items())
@@ -375,6 +426,7 @@ def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
         lines.append(f"warning: report.html not written ({metrics['report_error']})")
     lines += [
         f"validation accuracy {100 * metrics['valid_accuracy']:.2f}% (error rate {100 * metrics['error_rate']:.2f}%)",
+        *evaluate.class_lines(metrics),
         f"time: {timing}",
     ]
     return "\n".join(lines)

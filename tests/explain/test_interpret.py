@@ -233,3 +233,27 @@ def test_memory_stays_flat_as_the_validation_set_grows():
     assert interp.probs.shape == (600, 2) and interp.losses.shape == (600,) and len(interp.paths) == 600
     arrays = [v for v in vars(interp).values() if isinstance(v, (np.ndarray, torch.Tensor))]
     assert sum(a.nbytes for a in arrays) == 600 * (2 * 4 + 8 + 4)
+
+
+def test_most_confused_is_a_list_that_a_notebook_shows_as_an_escaped_table():
+    classes = ["<script>x</script>", "b&c"]
+    interp = Interpretation(classes, np.array([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]]), np.array([0, 1, 0]))
+    pairs = interp.most_confused()
+    assert pairs == [("<script>x</script>", "b&c", 2), ("b&c", "<script>x</script>", 1)]
+    assert isinstance(pairs, list) and pairs[0][2] == 2 and pairs[:1] == [("<script>x</script>", "b&c", 2)]
+    page = pairs._repr_html_()
+    assert "<script>" not in page and page.count("&lt;script&gt;x&lt;/script&gt;") == 2
+    assert page.count("b&amp;c") == 2 and ">2</td>" in page and ">1</td>" in page
+    import json
+
+    assert json.loads(json.dumps(pairs)) == [list(p) for p in pairs]
+
+
+def test_the_figure_methods_return_figures(hand_made):
+    from matplotlib.figure import Figure
+
+    fig = hand_made.plot_confusion_matrix(normalize=True)
+    assert isinstance(fig, Figure)
+    assert fig.axes[0].get_images()[0].get_array()[1].tolist() == pytest.approx([0, 1 / 3, 2 / 3, 0])
+    with pytest.raises(ImgtuneError, match="has no model"):
+        hand_made.plot_cam(torch.zeros(3, 8, 8))

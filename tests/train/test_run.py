@@ -145,7 +145,7 @@ def test_the_run_folder_lists_what_imgtune_wrote_and_overwrite_removes_only_that
     first = run.train(data, **dict(FIT, lr=None), out=out)  # the lr finder and the report: figures
     written = set(read_manifest(out))
     assert {"model.safetensors", "model.json", "metrics.json", "summary.txt", "split.csv", MANIFEST_FILE,
-            "lr_find.png"} | REPORT_FILES == written
+            "history.csv", "lr_find.csv", "lr_find.png"} | REPORT_FILES == written
     assert {p.name for p in out.iterdir()} == written
     (out / "notes.txt").write_text("mine")
     meta = json.loads((out / "model.json").read_text())
@@ -154,7 +154,7 @@ def test_the_run_folder_lists_what_imgtune_wrote_and_overwrite_removes_only_that
     run.train(data, **FIT, out=out, overwrite=True, report=False)  # a fixed rate, no report this time
     left = {p.name for p in out.iterdir()}
     assert left == {"model.safetensors", "model.json", "metrics.json", "summary.txt", "split.csv", MANIFEST_FILE,
-                    "notes.txt"}, "the earlier run's report and figures are gone, the user's file stays"
+                    "history.csv", "notes.txt"}, "the earlier run's report, figures, lr_find.csv gone; the user's stays"
     assert set(read_manifest(out)) == left - {"notes.txt"}
     assert first.run_dir == out
 
@@ -225,6 +225,6 @@ def test_files_are_written_through_temporary_files(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "replace", lambda src, dst: (renamed.append(Path(dst).name), real(src, dst))[1])
     run.train(make_class_folders(tmp_path / "colours"), **FIT, out=tmp_path / "run")
     assert {"model.safetensors", "model.json", "metrics.json", "summary.txt", "split.csv", MANIFEST_FILE,
-            CHECKPOINT_FILE} | REPORT_FILES <= set(renamed)
+            CHECKPOINT_FILE, "history.csv"} | REPORT_FILES <= set(renamed)
     assert renamed.index("model.json") > renamed.index("model.safetensors")
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
