@@ -167,3 +167,19 @@ def watch_page(page, errors: list, requests: list | None = None) -> None:
     page.on("pageerror", lambda e: errors.append(str(e)))
     if requests is not None:
         page.on("request", lambda r: requests.append(r.url))
+
+
+class Crash(Exception):
+    """A simulated kill: raised by :class:`CrashAfter` once a given epoch's checkpoint is written."""
+
+
+class CrashAfter:
+    """A callback that raises :class:`Crash` after ``phase`` epoch ``epoch`` (the checkpoint callback,
+    earlier in the list, has written that epoch's checkpoint by then)."""
+
+    def __init__(self, phase, epoch):
+        self.phase, self.epoch = phase, epoch
+
+    def after_epoch(self, learner):
+        if (learner.phase, learner.epoch) == (self.phase, self.epoch):
+            raise Crash

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, Crash, CrashAfter
 
 from imgtune import ImgtuneError, Learner
 from imgtune.train.checkpoint import (
@@ -20,19 +20,6 @@ from imgtune.train.checkpoint import (
 )
 
 PLAN = dict(epochs=2, base_lr=1e-2, freeze_epochs=3)
-
-
-class Crash(Exception):
-    """The kill: raised after the checkpoint of ``phase`` epoch ``epoch`` is written."""
-
-
-class CrashAfter:
-    def __init__(self, phase, epoch):
-        self.phase, self.epoch = phase, epoch
-
-    def after_epoch(self, learner):
-        if (learner.phase, learner.epoch) == (self.phase, self.epoch):
-            raise Crash
 
 
 def learner_with_checkpoints(data, path, *extra, **options):

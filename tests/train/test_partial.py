@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY
+from conftest import TINY, Crash, CrashAfter
 
 from imgtune import Learner
 from imgtune.data.cache import ArrayStore, file_key
@@ -187,17 +187,6 @@ def test_auto_picks_stages_and_epochs_within_the_budget(tiny_data, tmp_path, mon
 
 def test_a_partial_run_resumed_after_any_epoch_ends_with_the_same_weights(tiny_data, tmp_path):
     plan = dict(epochs=2, base_lr=1e-2, freeze_epochs=2)
-
-    class Crash(Exception):
-        pass
-
-    class CrashAfter:
-        def __init__(self, phase, epoch):
-            self.phase, self.epoch = phase, epoch
-
-        def after_epoch(self, learner):
-            if (learner.phase, learner.epoch) == (self.phase, self.epoch):
-                raise Crash
 
     def run(folder, *extra):
         learner = learner_for(tiny_data, tmp_path, tune_stages=2)
