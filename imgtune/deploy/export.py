@@ -28,9 +28,10 @@ def import_onnx(name: str):
         raise ImgtuneError(f"ONNX needs the {name} package (an imgtune dependency): pip install {name}") from None
 
 
-def module_to_onnx(module: torch.nn.Module, example: torch.Tensor, *, input_name: str, output_name: str,
-                   opset: int = 17) -> bytes:
-    """``module`` traced on ``example`` as an ONNX graph whose batch dimension is dynamic.
+def module_to_onnx(module: torch.nn.Module, example: torch.Tensor, *, input_name: str,
+                   output_name: str | Sequence[str], opset: int = 17) -> bytes:
+    """``module`` traced on ``example`` as an ONNX graph whose batch dimension is dynamic
+    (``output_name``: one name, or one per output of a module returning several).
 
     The TorchScript-based exporter (``dynamo=False``): it needs only onnx, traces timm's
     EfficientNet-Lite and ResNet in seconds, and supports dynamic axes. The torch.export-based
@@ -41,8 +42,9 @@ def module_to_onnx(module: torch.nn.Module, example: torch.Tensor, *, input_name
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buffer, input_names=[input_name], output_names=[output_name],
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+        outputs = [output_name] if isinstance(output_name, str) else list(output_name)
+        torch.onnx.export(module, (example,), buffer, input_names=[input_name], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in (input_name, *outputs)},
                           opset_version=opset, dynamo=False)
     return buffer.getvalue()
 

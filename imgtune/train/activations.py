@@ -16,7 +16,6 @@ twice. On the CPU it runs on ONNX Runtime when installed (checked against PyTorc
 from __future__ import annotations
 
 import hashlib
-import io
 import tempfile
 import time
 import warnings
@@ -29,10 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from imgtune.data.cache import ArrayStore, cache_root, file_key
+from imgtune.deploy.export import module_to_onnx
 from imgtune.errors import ImgtuneError
-from imgtune.files import atomic_write
 from imgtune.models import stage_layout
-from imgtune.train.extract import picture_batches
+from imgtune.train.extract import cached_session, has_onnx_runtime, picture_batches
 
 #: Views cached per image (the picture, its mirror image), and pictures per call of the lower body.
 VIEWS, BATCH = 2, 16
@@ -124,7 +123,7 @@ class MapsRunner:
                  backend: str = "auto"):
         self.net = _MapsAndFeatures(lower, upper)
         self.size, self.fingerprint, self.cache_dir = size, fingerprint, cache_dir
-        self.backend = backend if backend != "auto" else ("onnx" if _has_ort() else "torch")
+        self.backend = backend if backend != "auto" else ("onnx" if has_onnx_runtime() else "torch")
         self.session, self.checked, self.difference = None, self.backend == "torch", None
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -147,34 +146,19 @@ class MapsRunner:
         return maps.float().contiguous().numpy(), features.float().numpy()
 
     def _onnx(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        maps, features = self.session.run(None, {"images": images.contiguous().numpy().astype(np.float32)})
+        batch = np.ascontiguousarray(images.contiguous().numpy(), dtype=np.float32)  # no copy of a float32 batch
+        maps, features = self.session.run(None, {"images": batch})
         return maps, features
 
     def _session(self):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        if self.cache_dir is False:
-            model = self._export()
-        else:  # named as the feature extractor names its graphs, so `imgtune cache clear` knows it
-            name = hashlib.sha256(f"maps-{self.fingerprint}".encode()).hexdigest()[:24]
-            path = cache_root(self.cache_dir) / "onnx" / f"{name}-{self.size}.onnx"
-            if not path.is_file():
-                atomic_write(path, self._export())
-            model = str(path)
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        # named as the feature extractor names its graphs, so `imgtune cache clear` knows it
+        name = hashlib.sha256(f"maps-{self.fingerprint}".encode()).hexdigest()[:24]
+        return cached_session(self._export, cache_dir=self.cache_dir, name=name, size=self.size)
 
     def _export(self) -> bytes:
-        buffer = io.BytesIO()
-        with eval_mode(self.net), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(self.net, (torch.zeros(2, 3, self.size, self.size),), buffer,
-                              input_names=["images"], output_names=["maps", "features"],
-                              dynamic_axes={"images": {0: "batch"}, "maps": {0: "batch"}, "features": {0: "batch"}},
-                              opset_version=17, dynamo=False)
-        return buffer.getvalue()
+        with eval_mode(self.net):
+            return module_to_onnx(self.net, torch.zeros(2, 3, self.size, self.size), input_name="images",
+                                  output_name=("maps", "features"))
 
 
 @contextmanager
@@ -188,15 +172,6 @@ def eval_mode(module: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
-
-
-def _has_ort() -> bool:
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def compute_maps(paths: Sequence, runner: MapsRunner, view, *, mean, std, maps_store: ArrayStore,

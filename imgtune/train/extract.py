@@ -66,7 +66,7 @@ class FeatureExtractor:
         self.size, self.device, self.fingerprint = size, torch.device(device), fingerprint
         self.precision = choose_precision(self.device, precision)
         self.cache_dir = cache_dir
-        self.backend = backend if backend != "auto" else ("onnx" if self.device.type == "cpu" and _has_ort() else "torch")
+        self.backend = backend if backend != "auto" else ("onnx" if self.device.type == "cpu" and has_onnx_runtime() else "torch")
         self.session = None
         self.checked = self.backend == "torch"
         self.difference: float | None = None
@@ -107,19 +107,23 @@ class FeatureExtractor:
         return torch.from_numpy(features)
 
     def _session(self):
-        import onnxruntime as ort
+        return cached_session(lambda: _export_body(self.body, self.size), cache_dir=self.cache_dir,
+                              name=self.fingerprint, size=self.size)
 
-        from imgtune.deploy.onnx_session import session_options
 
-        options = session_options(threads=torch.get_num_threads())
-        if self.cache_dir is False:  # nothing on disk: the graph stays in memory
-            model = _export_body(self.body, self.size)
-        else:
-            path = cache_root(self.cache_dir) / "onnx" / f"{self.fingerprint}-{self.size}.onnx"
-            if not path.is_file():
-                atomic_write(path, _export_body(self.body, self.size))
-            model = str(path)
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+def cached_session(export, *, cache_dir, name: str, size: int):
+    """An ONNX Runtime session (:func:`imgtune.deploy.onnx_session.open_session`, this process's torch
+    threads) on the graph ``export()`` makes, kept in the cache as ``onnx/<name>-<size>.onnx`` and
+    exported only when missing there (``cache_dir=False``: in memory only)."""
+    from imgtune.deploy.onnx_session import open_session
+
+    if cache_dir is False:  # nothing on disk: the graph stays in memory
+        model = export()
+    else:
+        model = cache_root(cache_dir) / "onnx" / f"{name}-{size}.onnx"
+        if not model.is_file():
+            atomic_write(model, export())
+    return open_session(model, threads=torch.get_num_threads())
 
 
 def _export_body(body: _Body, size: int) -> bytes:
@@ -135,7 +139,8 @@ def _export_body(body: _Body, size: int) -> bytes:
         model.train(was_training)
 
 
-def _has_ort() -> bool:
+def has_onnx_runtime() -> bool:
+    """Whether ONNX Runtime and the exporter's onnx package are installed."""
     try:
         import onnx  # noqa: F401  (the exporter needs it)
         import onnxruntime  # noqa: F401
