@@ -20,7 +20,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from imgtune.data.cache import ArrayStore, cache_root, file_key
 from imgtune.deploy.export import module_to_onnx
 from imgtune.errors import ImgtuneError
 from imgtune.models import stage_layout
-from imgtune.train.extract import cached_session, has_onnx_runtime, picture_batches
+from imgtune.train.extract import cached_session, eval_mode, has_onnx_runtime, picture_batches
 
 #: Views cached per image (the picture, its mirror image), and pictures per call of the lower body.
 VIEWS, BATCH = 2, 16
@@ -159,19 +158,6 @@ class MapsRunner:
         with eval_mode(self.net):
             return module_to_onnx(self.net, torch.zeros(2, 3, self.size, self.size), input_name="images",
                                   output_name=("maps", "features"))
-
-
-@contextmanager
-def eval_mode(module: nn.Module):
-    """``module`` and its submodules in eval mode while the block runs, each put back in the mode it
-    had (a frozen body's BatchNorm layers stay in eval mode in a training model)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def compute_maps(paths: Sequence, runner: MapsRunner, view, *, mean, std, maps_store: ArrayStore,

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -87,15 +88,8 @@ class FeatureExtractor:
     def on_device(self, images: torch.Tensor) -> torch.Tensor:
         """PyTorch's features of normalised ``images``, left on the extractor's device (the CPU does not
         wait for the GPU to compute them)."""
-        model = self.body.model
-        was_training = model.training
-        model.eval()
-        try:
-            images = images.to(self.device, memory_format=torch.channels_last)
-            with autocast(self.device, self.precision):
-                return self.body(images).float()
-        finally:
-            model.train(was_training)
+        with eval_mode(self.body.model), autocast(self.device, self.precision):
+            return self.body(images.to(self.device, memory_format=torch.channels_last)).float()
 
     def _torch(self, images: torch.Tensor) -> torch.Tensor:
         return self.on_device(images).cpu()
@@ -128,15 +122,23 @@ def cached_session(export, *, cache_dir, name: str, size: int):
 
 def _export_body(body: _Body, size: int) -> bytes:
     """The body as an ONNX graph (dynamic batch)."""
-    model = body.model
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    device = next(body.model.parameters()).device
+    with eval_mode(body.model):
         return module_to_onnx(body, torch.zeros(2, 3, size, size, device=device), input_name="images",
                               output_name="features")
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` and its submodules in eval mode while the block runs, each put back in the mode it
+    had (a frozen body's BatchNorm layers stay in eval mode in a training model)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 def has_onnx_runtime() -> bool:

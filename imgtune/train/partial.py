@@ -43,8 +43,9 @@ from torch import nn
 from imgtune.errors import ImgtuneError
 from imgtune.models import stage_layout
 from imgtune.train import distributed
-from imgtune.train.activations import LowerBody, UpperStages, eval_mode
+from imgtune.train.activations import LowerBody, UpperStages
 from imgtune.train.defaults import PARTIAL
+from imgtune.train.extract import eval_mode
 
 
 @dataclass
