@@ -17,7 +17,8 @@ Datasets (the data options are part of the dataset, the same for every configura
   ``--mouse-subset`` sessions per user; trained with ``--size 128 --no-augment --valid-pct 0.2``.
 
 Configurations: ``head-only`` (the head on cached features of the frozen body: ``--tune-stages 0``
-where ``imgtune train`` has that option, else ``--epochs 0``), ``default`` (no options at all),
+where ``imgtune train`` has that option, else ``--epochs 0``; and ``--no-balance`` where it has that: the
+default before partial fine-tuning and mild class weights), ``default`` (no options at all),
 ``ceiling`` (``--epochs 6``: the whole network, slow; with ``--ceiling``), or ``NAME=OPTIONS``.
 
 Each run is a subprocess ``imgtune train ... --out <scratch>/<run>`` with a new empty ``IMGTUNE_CACHE``;
@@ -118,7 +119,9 @@ def config_flags(name: str, imgtune=IMGTUNE) -> list[str]:
         return shlex.split(name.split("=", 1)[1])
     if name == "head-only":
         helptext = subprocess.run([*imgtune, "train", "--help"], capture_output=True, text=True, check=False).stdout
-        return ["--tune-stages", "0"] if "--tune-stages" in helptext else ["--epochs", "0"]
+        # The default before partial fine-tuning and the mild class weights: the head alone, plain cross-entropy.
+        return (["--tune-stages", "0"] if "--tune-stages" in helptext else ["--epochs", "0"]) + \
+            (["--no-balance"] if "--no-balance" in helptext else [])
     if name not in CONFIGS:
         raise SystemExit(f"unknown configuration {name!r}: use head-only, {', '.join(CONFIGS)} or NAME=OPTIONS")
     return list(CONFIGS[name])

@@ -132,7 +132,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.scratch.resolve().is_relative_to(HERE.parent):
         raise SystemExit("--scratch must be outside the repository")
-    results = []
+    path = HERE / "results" / f"scale-{datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(exist_ok=True)
+    record = dict(date=datetime.now().isoformat(timespec="seconds"), imgtune=args.imgtune,
+                  machine=platform.processor() or platform.machine(), cores=len(os.sched_getaffinity(0)),
+                  command=sys.argv, results=[])
+    results = record["results"]
     for size in args.sizes:
         folder = generate(args.scratch / f"images-{size}", size, source=args.pets)
         for run in range(args.runs):
@@ -143,22 +148,21 @@ def main() -> None:
             print(f"{size:>6} images run {run}: {result['seconds']:7.1f} s ({1000 * result['seconds_per_image']:.1f} ms/img)"
                   f"  peak RSS {result['peak_rss'] / 2**30:.2f} GB (tree {result['peak_tree_rss'] / 2**30:.2f} GB)",
                   flush=True)
+            path.write_text(json.dumps(record, indent=1) + "\n")  # after every run: a stopped benchmark keeps its runs
+    sizes = sorted({r["images"] for r in results})
     summary = {}
-    for size in args.sizes:
+    for size in sizes:
         runs = [r for r in results if r["images"] == size]
         summary[size] = dict(peak_rss_max=max(r["peak_rss"] for r in runs),
                              peak_tree_rss_max=max(r["peak_tree_rss"] for r in runs),
                              seconds_per_image_min=min(r["seconds_per_image"] for r in runs))
-    small, large = summary[min(args.sizes)], summary[max(args.sizes)]
+    small, large = summary[min(sizes)], summary[max(sizes)]
     verdict = dict(rss_ratio=large["peak_rss_max"] / small["peak_rss_max"],
                    rss_under_3gb=all(r["peak_rss"] < 3 * 2**30 for r in results),
                    seconds_per_image_ratio=max(s["seconds_per_image_min"] for s in summary.values())
                    / min(s["seconds_per_image_min"] for s in summary.values()))
     print(json.dumps(verdict, indent=1))
-    record = dict(date=datetime.now().isoformat(timespec="seconds"), imgtune=args.imgtune, machine=platform.processor() or platform.machine(),
-                  cores=len(os.sched_getaffinity(0)), command=sys.argv, results=results, summary=summary, verdict=verdict)
-    path = HERE / "results" / f"scale-{datetime.now():%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(exist_ok=True)
+    record.update(summary=summary, verdict=verdict)
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
 

@@ -50,8 +50,10 @@ Examples:
 @click.option("--lr", default=None, help="Learning rate: a number, or LOW:HIGH for discriminative rates "
               "(first layers..head) once unfrozen.  [default: auto, from the lr finder]")
 @click.option("--no-augment", is_flag=True, help="Turn off training augmentation.")
-@click.option("--balance", is_flag=True, help="Weigh the training loss by inverse class frequency (for imbalanced "
-              "classes: each class counts as much as the others).")
+@click.option("--balance/--no-balance", default=None,
+              help="Weigh the training loss by inverse class frequency, so that each class counts as much as the "
+              "others (for imbalanced classes); --no-balance: plain cross-entropy.  [default: mild, inverse "
+              "frequency to the power 0.25; plain cross-entropy on balanced classes]")
 @click.option("--tta", is_flag=True, help="Test-time augmentation: validate (and, in the bundle, predict) on the mean "
               "probabilities of each picture and its mirror image.")
 @click.option("--tune-stages", default="auto", show_default=True, metavar="N|auto",
@@ -94,7 +96,7 @@ def train(data, label_re, csv_path, data_dir, valid_pct, stratify, seed, arch, w
         data, arch=arch, epochs=epochs, freeze_epochs=freeze_epochs, lr=lr, weights=weights, size=size,
         resize=resize, bs=bs, augment=not no_augment, num_workers=num_workers, seed=seed, device=device, out=out,
         overwrite=overwrite, report=not no_report, command=shlex.join(["imgtune", *sys.argv[1:]]), resume=resume,
-        checkpoint_every=checkpoint_every, balance=balance, tta=tta, log=log, tune_stages=tune_stages,
+        checkpoint_every=checkpoint_every, balance="mild" if balance is None else balance, tta=tta, log=log, tune_stages=tune_stages,
         **cache_kwargs(no_feature_cache, no_cache, cache_dir), accumulate=accumulate, sync_bn=sync_bn,
         precision=precision, compile_model=compile_model, **data_kwargs(label_re, csv_path, data_dir, valid_pct, stratify),
     )

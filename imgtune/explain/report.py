@@ -100,7 +100,7 @@ def report_values(*, interp, metrics: dict, meta: dict, k: int = 9) -> dict:
     report = interp.classification_report()
     return dict(
         accuracy=interp.accuracy, **class_values(report), n_valid=len(interp.targets), arch=meta.get("arch"),
-        timm_name=meta.get("timm_name"), balance=bool((meta.get("training") or {}).get("balance")),
+        timm_name=meta.get("timm_name"), balance=float((meta.get("training") or {}).get("balance") or 0),
         tta=meta.get("tta", "none"),
         size=meta.get("size"), resize=meta.get("resize"), device=metrics.get("device", "?"),
         description=data.get("description", ""), n_classes=len(interp.classes), n_train=data.get("train", "?"),

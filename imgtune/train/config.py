@@ -4,7 +4,8 @@ A :class:`TrainConfig` is written into the bundle's ``model.json`` under ``train
 are set, in this order: the same JSON imgtune 0.1.0 wrote) and read back by :func:`read_training_config`,
 which names the file and the field when something is wrong. Bundles written by imgtune 0.1.0 load as
 they are; ones from before ``accumulate``, ``world_size`` and ``sync_bn`` were recorded get their defaults.
-``balance`` and ``tta`` are recorded only when on (absent: off).
+``balance`` and ``tta`` are recorded only when on (absent: off); ``balance`` is the power of the inverse
+class frequency (``true`` in bundles from before the power could be chosen: 1).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class TrainConfig(Mapping):
     # --- set by Learner.fine_tune
     lr: dict | None = None  # {"frozen": the head's rate, "unfrozen": [first group's, head's]}
     # --- recorded only when on, so a default run's JSON is 0.1.0's
-    balance: bool | None = None  # True: the loss weighs classes by inverse frequency (imgtune.train.balance)
+    balance: float | None = None  # p: the loss weighs classes by inverse frequency to the power p (imgtune.train.balance)
     tta: str | None = None  # "flip": validation predicts the mean of the picture's and its mirror's probabilities
     tune_stages: int | None = None  # body stages trained on cached activations after the head (imgtune.train.partial)
 
@@ -137,7 +138,7 @@ _CHECKS = {
     "accumulate": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "world_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "sync_bn": (lambda v: isinstance(v, bool), "true or false"),
-    "balance": (lambda v: isinstance(v, bool), "true or false"),
+    "balance": (lambda v: isinstance(v, bool) or (isinstance(v, (int, float)) and 0 <= v <= 1), "a power from 0 to 1"),
     "tta": (lambda v: v in ("none", "flip"), '"none" or "flip"'),
     "tune_stages": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "lr": (_is_lr, 'an object {"frozen": rate, "unfrozen": [low, high]}'),

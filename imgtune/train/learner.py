@@ -25,7 +25,7 @@ from imgtune.deploy.bundle import save_bundle
 from imgtune.errors import ImgtuneError
 from imgtune.models import DEFAULT_ARCH, IMAGENET
 from imgtune.train import build, checkpoint, distributed, evaluate, freezing, partial, schedule
-from imgtune.train.balance import loss_function
+from imgtune.train.balance import balance_power, loss_function
 from imgtune.train.callbacks import History
 from imgtune.train.config import TrainConfig
 from imgtune.train.device import Precision, adamw, configure_cuda, default_device, out_of_memory_error, to_device
@@ -50,7 +50,8 @@ class Learner:
     ``normalize`` normalises uint8 picture batches on the device (:class:`imgtune.data.loaders.DeviceNormalize`:
     what :meth:`from_data`'s CUDA loaders send).
 
-    ``balance`` weighs the training loss by inverse class frequency (:mod:`imgtune.train.balance`); ``tta``
+    ``balance`` weighs the training loss by inverse class frequency, to a power (:mod:`imgtune.train.balance`:
+    ``True`` 1, ``"mild"`` 0.25, ``False`` plain cross-entropy; :meth:`from_data` defaults to mild); ``tta``
     computes validation predictions as the mean probabilities of each picture and its mirror image
     (:func:`imgtune.train.evaluate.predict`). Both are recorded in the config (``balance``, ``tta``).
 
@@ -75,7 +76,7 @@ class Learner:
                  channels_last: bool = True, bn_stats: str = "frozen", callbacks: Iterable = (),
                  config: TrainConfig | dict | None = None, features: FeatureSource | None = None,
                  accumulate: int = 1, sync_bn: bool = False, max_grad_norm: float | None = None,
-                 precision: str = "auto", compile_model: bool = False, normalize=None, balance: bool = False,
+                 precision: str = "auto", compile_model: bool = False, normalize=None, balance: bool | float | str = False,
                  tta: bool = False):
         self.device = torch.device(device) if device else default_device()
         if accumulate < 1:
@@ -104,7 +105,9 @@ class Learner:
         self.bn_stats, self.accumulate, self.max_grad_norm = bn_stats, accumulate, max_grad_norm
         self.config = config = TrainConfig.copy_of(config, source="Learner(config=...)")  # its own: records lr
         config.accumulate, config.world_size, config.sync_bn = accumulate, distributed.world_size(), sync_bn
-        config.balance, config.tta = (True if balance else None), (evaluate.TTA_FLIP if tta else None)  # when on
+        weighted = getattr(self.loss_func, "weight", None) is not None  # balanced classes: plain cross-entropy
+        config.balance = balance_power(balance) if weighted else None  # recorded when on, as tta
+        config.tta = evaluate.TTA_FLIP if tta else None
         self.timings: dict[str, float] = {}
         self.phase, self.epoch, self.epochs, self.step, self.total_steps = "fit", 0, 0, 0, 0
         self.loss, self.epoch_metrics, self.should_stop = math.nan, {}, False
@@ -119,7 +122,7 @@ class Learner:
                   size: int | None = None, resize: str = "crop", bs: int | None = None, augment: bool = True,
                   num_workers: int | None = None, seed: int = 42, device: str | None = None, progress: bool = True,
                   callbacks: Iterable = (), feature_cache: bool = True, cache: bool = True, cache_dir=None,
-                  **kwargs) -> Learner:
+                  balance: bool | float | str = "mild", **kwargs) -> Learner:
         """A learner for ``data`` with a pretrained ``arch`` and a new head, frozen as in the lesson.
 
         Args:
@@ -139,6 +142,9 @@ class Learner:
                 image (see :mod:`imgtune.train.features`) instead of running the body every step.
             cache: keep presized pictures (and features) on disk, reused by later epochs and runs.
             cache_dir: the cache folder (default ``$IMGTUNE_CACHE`` or ``~/.cache/imgtune``).
+            balance: class weights of the loss (see :mod:`imgtune.train.balance`): ``"mild"`` (inverse
+                class frequency to the power 0.25; plain cross-entropy on balanced classes), ``True``
+                (each class counts alike), ``False`` (plain cross-entropy) or a power from 0 to 1.
             kwargs: ``tune_stages`` (``"auto"``, default, or a count: on a CPU, the body stages
                 :meth:`fine_tune` trains on cached activations after the head; see
                 :mod:`imgtune.train.partial`) and the other options of :class:`Learner` (``bn_stats``,
@@ -147,7 +153,7 @@ class Learner:
         return build.from_data(cls, data, arch, weights=weights, size=size, resize=resize, bs=bs, augment=augment,
                                num_workers=num_workers, seed=seed, device=device, progress=progress,
                                callbacks=callbacks, feature_cache=feature_cache, cache=cache, cache_dir=cache_dir,
-                               **kwargs)
+                               balance=balance, **kwargs)
 
     # --- freezing ---------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from imgtune.errors import ImgtuneError, describe
 from imgtune.files import atomic_write
 from imgtune.models import DEFAULT_ARCH, IMAGENET, get_backbone
 from imgtune.train import distributed, evaluate, logs
+from imgtune.train.balance import describe as describe_loss
 from imgtune.train.checkpoint import (
     CHECKPOINT_FILE,
     ResumeCheckpoint,
@@ -85,7 +86,7 @@ def train(
     sync_bn: bool = False,
     precision: str = "auto",
     compile_model: bool = False,
-    balance: bool = False,
+    balance: bool | float | str = "mild",
     tta: bool = False,
     tune_stages: int | str = "auto",
     resume: str | Path | None = None,
@@ -111,7 +112,8 @@ def train(
         accumulate, sync_bn, precision, compile_model: see :class:`Learner`. Under torchrun every process calls this: it joins
             the process group (:func:`imgtune.train.distributed.setup`), ``bs`` is per process, and only
             rank 0 writes the run folder.
-        balance: weigh the training loss by inverse class frequency (see :mod:`imgtune.train.balance`).
+        balance: weigh the training loss by inverse class frequency to a power (see :mod:`imgtune.train.balance`):
+            ``"mild"`` (0.25), ``True`` (1: each class counts alike), ``False`` (plain cross-entropy) or a number.
         tta: validate on the mean probabilities of each picture and its mirror image; the bundle's
             ``model.json`` then says ``"tta": "flip"`` and its predictors do the same.
         tune_stages: on a CPU, the body stages trained on cached activations after the head-only
@@ -270,7 +272,7 @@ def run_metrics(learner: Learner, data: ImageData, finder: LRFinderResult | None
         valid_loss=final["valid_loss"],
         **evaluate.macro_metrics(report),
         per_class=report[:-1],
-        balance=bool(learner.config.balance),
+        balance=float(learner.config.balance or 0),
         tta=learner.config.tta or evaluate.TTA_NONE,
         history=learner.history,
         lr=dict(learner.config["lr"], suggestion=finder.suggestion if finder else None,
@@ -408,7 +410,7 @@ def summary_text(metrics: dict, config: dict, run_dir: Path) -> str:
         f" {config['resize']}, batch {config['bs']}{_global_batch(config)}, device {metrics['device']}",
         f"lr: head {config['lr']['frozen']:.3g} frozen; {config['lr']['unfrozen'][0]:.3g}..{config['lr']['unfrozen'][1]:.3g}"
         " unfrozen",
-        *(["loss: cross-entropy weighted by inverse class frequency (balance)"] if metrics.get("balance") else []),
+        *([f"loss: {describe_loss(metrics['balance'])}"] if metrics.get("balance") else []),
         *([f"partial fine-tuning: the body's last {metrics['tune_stages']['stages']} stages on cached activations"
            f" ({metrics['tune_stages']['reason']})"] if metrics.get("tune_stages", {}).get("stages") else []),
         *([f"validation with test-time augmentation: {metrics['tta']}"] if metrics.get("tta", "none") != "none"

@@ -1,4 +1,5 @@
-"""--balance: the loss weights, on pictures and on cached features; balance and tta recorded in the run folder."""
+"""--balance: the loss weights (full, mild by default, none), on pictures and on cached features; balance and tta
+recorded in the run folder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from imgtune import ImgtuneError, Learner
-from imgtune.train.balance import class_weights, dataset_targets
+from imgtune.train.balance import MILD, balance_power, class_weights, dataset_targets, loss_function
 from imgtune.train.features import head_on_features
 from imgtune.train.run import train
 
@@ -28,6 +29,29 @@ def test_the_weights_are_inverse_frequencies_whose_mean_over_the_items_is_one():
     # A class without training images gets 0, and the others share the mean of 1 (K = 2).
     assert class_weights([0, 0, 2], 3).tolist() == pytest.approx([0.75, 0.0, 1.5])
     assert class_weights([1, 0, 1, 0], 2).tolist() == pytest.approx([1.0, 1.0])  # balanced data: plain loss
+
+
+def test_a_power_below_one_flattens_the_weights_and_keeps_their_mean_at_one():
+    targets = [0] * 6 + [1] * 2 + [2]
+    mild = class_weights(targets, 3, 0.25)
+    full = torch.tensor([0.5, 1.5, 3.0])
+    assert (mild / mild[0]).tolist() == pytest.approx((full / full[0]).pow(0.25).tolist())
+    assert mild[torch.tensor(targets)].mean().item() == pytest.approx(1.0)
+    assert mild[0] < 1 < mild[1] < mild[2] < 3.0 / 2  # the order of the full weights, much closer together
+    assert class_weights(targets, 3, 0.0).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert class_weights([0, 0, 2], 3, 0.5)[1] == 0  # still nothing for a class without training images
+
+
+def test_balance_names_and_powers():
+    assert [balance_power(v) for v in (True, False, None, "full", "mild", "none", 0.5, 1)] == \
+        [1.0, 0.0, 0.0, 1.0, MILD, 0.0, 0.5, 1.0]
+    for bad in (1.5, -0.1, "half"):
+        with pytest.raises(ImgtuneError, match="balance must be true, false, a power from 0 to 1"):
+            balance_power(bad)
+    balanced = TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    assert loss_function(balanced, 2, balance="mild").weight is None  # balanced classes: plain cross-entropy
+    assert loss_function(balanced, 2, balance=True).weight is None
+    assert loss_function(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 0, 1])), 2, balance="mild").weight is not None
 
 
 def test_weights_refuse_no_targets_and_targets_outside_the_classes():
@@ -58,9 +82,13 @@ def test_balance_weighs_the_loss_by_the_training_split_alone(imbalanced):
     counts = {c: sum(item.label == c for item in imbalanced.train) for c in learner.classes}
     n, k = sum(counts.values()), len(counts)
     assert learner.loss_func.weight.tolist() == pytest.approx([n / (k * counts[c]) for c in learner.classes])
-    assert learner.config.balance is True and dict(learner.config)["balance"] is True
-    plain = Learner.from_data(imbalanced, **TINY)
+    assert learner.config.balance == 1.0 and dict(learner.config)["balance"] == 1.0
+    plain = Learner.from_data(imbalanced, **TINY, balance=False)
     assert plain.loss_func.weight is None and "balance" not in dict(plain.config)
+    mild = Learner.from_data(imbalanced, **TINY)  # the default
+    assert mild.loss_func.weight.tolist() == pytest.approx(class_weights([learner.classes.index(item.label)
+                                                                          for item in imbalanced.train], 3, MILD).tolist())
+    assert dict(mild.config)["balance"] == MILD
 
 
 def test_the_head_on_cached_features_trains_with_the_weighted_loss(imbalanced):
@@ -90,9 +118,9 @@ def test_balance_and_tta_are_recorded_in_model_json_metrics_and_summary(imbalanc
     result = train(imbalanced, **dict(TINY, epochs=0, freeze_epochs=1, lr=1e-2), balance=True, tta=True,
                    out=tmp_path / "run", report=False)
     meta = json.loads((result.run_dir / "model.json").read_text())
-    assert meta["tta"] == "flip" and meta["training"]["balance"] is True and meta["training"]["tta"] == "flip"
+    assert meta["tta"] == "flip" and meta["training"]["balance"] == 1.0 and meta["training"]["tta"] == "flip"
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert metrics["balance"] is True and metrics["tta"] == "flip"
+    assert metrics["balance"] == 1.0 and metrics["tta"] == "flip"
     rows = {row["class"]: row for row in metrics["per_class"]}
     assert set(rows) == set(IMBALANCED) and all(row["support"] == 2 for row in rows.values())
     assert metrics["balanced_accuracy"] == pytest.approx(sum(r["recall"] for r in rows.values()) / 3)
@@ -108,14 +136,15 @@ def test_balance_and_tta_are_recorded_in_model_json_metrics_and_summary(imbalanc
         assert f"{name:<5}  {row['precision']:>9.3f}  {row['recall']:>6.3f}" in summary
 
 
-def test_a_default_run_records_no_balance_and_no_tta(imbalanced, tmp_path):
+def test_a_default_run_weighs_mildly_and_records_no_tta(imbalanced, tmp_path):
     result = train(imbalanced, **dict(TINY, epochs=0, freeze_epochs=1, lr=1e-2), out=tmp_path / "run", report=False)
     meta = json.loads((result.run_dir / "model.json").read_text())
-    assert meta["tta"] == "none" and "balance" not in meta["training"] and "tta" not in meta["training"]
+    assert meta["tta"] == "none" and meta["training"]["balance"] == MILD and "tta" not in meta["training"]
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert metrics["balance"] is False and metrics["tta"] == "none" and "balanced_accuracy" in metrics
+    assert metrics["balance"] == MILD and metrics["tta"] == "none" and "balanced_accuracy" in metrics
     summary = (result.run_dir / "summary.txt").read_text()
-    assert "weighted by inverse class frequency" not in summary and "test-time augmentation" not in summary
+    assert "loss: cross-entropy weighted by inverse class frequency to the power 0.25" in summary
+    assert "test-time augmentation" not in summary
     assert f"balanced accuracy {100 * metrics['balanced_accuracy']:.2f}%" in summary
 
 
@@ -131,5 +160,9 @@ def test_the_command_line_passes_balance_and_tta(imbalanced, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "model.json").read_text())
-    assert meta["tta"] == "flip" and meta["training"]["balance"] is True
+    assert meta["tta"] == "flip" and meta["training"]["balance"] == 1.0
     assert "balanced accuracy" in result.stdout
+    args = [arg for arg in args if arg not in ("--balance", "--tta")] + ["--no-balance", "--overwrite"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "balance" not in json.loads((out / "model.json").read_text())["training"]
