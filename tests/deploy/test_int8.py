@@ -1,5 +1,6 @@
 """int8 export (static QDQ quantization) of a bundle: agreement with float32, the accuracy guard, the
-metadata it stores, and the int8 predictor."""
+metadata it stores, the int8 predictor, and what the recipe leaves in float32 (the "same" padding's shape
+arithmetic always, the nodes ``keep_float`` names)."""
 
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from imgtune import ImgtuneError, Learner, load_data
 from imgtune.deploy.bundle import read_meta
 from imgtune.deploy.export import export_onnx
 from imgtune.deploy.predict import OnnxPredictor, load_predictor
-from imgtune.deploy.quantize import write_int8_onnx
+from imgtune.deploy.quantize import RECIPE, Recipe, float_nodes, quantize_graph, shape_arithmetic, write_int8_onnx
 from imgtune.train.run import write_split
 
 ort = pytest.importorskip("onnxruntime")
@@ -44,7 +45,7 @@ def test_int8_agrees_with_float32_and_stores_its_figures(run, tmp_path):
     assert float(props["int8_agreement"]) == pytest.approx(figures["agreement"], abs=1e-6)
     assert float(props["int8_accuracy_drop"]) == pytest.approx(figures["accuracy_drop"], abs=1e-4)
     assert props["int8_calibration_images"] == str(len(data.train))  # fewer than the default sample
-    assert props["classes"] == '["blue", "green", "red"]' and "QDQ" in props["quantization"]
+    assert props["classes"] == '["blue", "green", "red"]' and props["quantization"] == RECIPE.describe()
     graph_ops = {node.op_type for node in __import__("onnx").load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= graph_ops
     # On files: the int8 predictor picks float32's labels on (almost) every image.
@@ -55,6 +56,66 @@ def test_int8_agrees_with_float32_and_stores_its_figures(run, tmp_path):
     int8 = OnnxPredictor(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), meta)
     agree = np.mean(np.array(fp32.predict(paths).labels) == np.array(int8.predict(paths).labels))
     assert agree >= AGREEMENT
+
+
+def producers(graph) -> dict:
+    """Tensor name -> the op type of the node that writes it."""
+    return {output: node.op_type for node in graph.graph.node for output in node.output}
+
+
+def test_same_padding_arithmetic_stays_float(tmp_path):
+    """The TF-ported EfficientNets compute their "same" pads from the input's shape in float32: quantized,
+    224 rounds to 223.9 and a pad of 1 to 0 or 2. The int8 graph computes them from no DequantizeLinear."""
+    import onnx
+    import torch
+    from timm.layers import Conv2dSame
+
+    from imgtune.deploy.export import module_to_onnx
+
+    model = torch.nn.Sequential(Conv2dSame(3, 4, 3, stride=2), torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    graph = module_to_onnx(model, torch.zeros(2, 3, 17, 17), input_name="images", output_name="logits")
+    names = set(shape_arithmetic(onnx.load_from_string(graph)))
+    assert {"Shape", "Ceil", "Sub"} <= {n.op_type for n in onnx.load_from_string(graph).graph.node if n.name in names}
+    rng = np.random.default_rng(0)
+    int8 = onnx.load_from_string(quantize_graph(graph, [rng.normal(size=(4, 3, 17, 17)).astype(np.float32)] * 2))
+    written = producers(int8)
+    dequantized = {node.output[0]: written.get(node.input[0]) for node in int8.graph.node
+                   if node.op_type == "DequantizeLinear"}
+    arithmetic = [node for node in int8.graph.node if node.name in names]
+    assert {"Shape", "Ceil", "Sub"} <= {node.op_type for node in arithmetic}  # some were folded away
+    # Shape may read the quantized picture (its shape is exact), and a Clip the 0 it shares with ReLU6
+    # (exact in uint8); no size computed on the way is quantized.
+    assert not [name for node in arithmetic if node.op_type != "Shape" for name in node.input
+                if dequantized.get(name) == "QuantizeLinear"]
+    pad = next(node for node in int8.graph.node if node.op_type == "Pad")
+    assert written[pad.input[0]] == "DequantizeLinear" and written[pad.input[1]] != "DequantizeLinear"
+    assert written[next(n for n in int8.graph.node if n.op_type == "Conv").input[1]] == "DequantizeLinear"
+
+
+def test_keep_float_leaves_those_nodes_in_float32(run):
+    import onnx
+
+    from imgtune.deploy.bundle import load_model
+    from imgtune.deploy.export import bundle_graph
+    from imgtune.deploy.quantize import preprocessed_batches
+
+    run_dir, data = run
+    meta = read_meta(run_dir)
+    graph = bundle_graph(run_dir, meta, load_model(run_dir, meta)).SerializeToString()
+    recipe = Recipe(keep_float=("stem", "classifier"))
+    int8 = onnx.load_from_string(quantize_graph(graph, preprocessed_batches([i.path for i in data.train], meta),
+                                                recipe=recipe))
+    written, weights = producers(int8), {init.name for init in int8.graph.initializer}
+    stem, *_, last = [node for node in int8.graph.node if node.op_type == "Conv"]
+    gemm = next(node for node in int8.graph.node if node.op_type in ("Gemm", "MatMul"))
+    assert {stem.name, gemm.name} == set(float_nodes(int8, recipe.keep_float))
+    # Kept in float32: float weights (their inputs may come dequantized); the other convolutions read int8 weights.
+    assert stem.input[1] in weights and gemm.input[1] in weights
+    assert written[last.input[1]] == "DequantizeLinear"
+    assert "float32: stem, classifier" in recipe.describe()
+    with pytest.raises(ImgtuneError, match="unknown keep_float conv; choose among add, classifier"):
+        float_nodes(int8, ("conv",))
 
 
 def test_a_broken_calibration_is_refused_and_nothing_written(run):
