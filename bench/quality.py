@@ -243,6 +243,12 @@ def read_scores(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     last = (metrics.get("history") or [{}])[-1]
     scores = dict(accuracy=metrics["valid_accuracy"], run_seconds=metrics.get("seconds", {}).get("total"))
+    if metrics.get("per_class") and len(metrics["per_class"]) <= 10:
+        scores["recalls"] = {row["class"]: row["recall"] for row in metrics["per_class"]}
+    for key in ("tune_stages", "balance"):  # what the run chose (partial fine-tuning's plan, the class weights)
+        if key in metrics:
+            scores[key] = {k: v for k, v in metrics[key].items() if k != "activations"} \
+                if isinstance(metrics[key], dict) else metrics[key]
     for key in ("balanced_accuracy", "macro_recall"):
         for where, source in ((metrics, "metrics.json"), (last, "metrics.json history")):
             if isinstance(where.get(key), (int, float)):
