@@ -104,6 +104,17 @@ def tiny_learner(tiny_data):
     return Learner.from_data(tiny_data, **TINY)
 
 
+def train_colour_run(root: Path) -> Path:
+    """``root/run``: the bundle of a tiny model trained one epoch on colour folders made under ``root``."""
+    from imgtune import Learner, load_data
+
+    data = load_data(make_class_folders(root / "colours"), valid_pct=0.25, stratify=True, seed=0)
+    learner = Learner.from_data(data, **TINY)
+    learner.fit_one_cycle(1, 1e-2)
+    learner.save(root / "run", metrics={"valid_accuracy": 0.75})
+    return root / "run"
+
+
 def serve_in_thread(app):
     """Serve an ASGI app with uvicorn on a free loopback port, in a background thread: a generator for
     a fixture (``yield from serve_in_thread(app)``) that yields the app's URL and stops it afterwards."""

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import COLOURS, TINY, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread, watch_page
+from conftest import (COLOURS, TINY, chromium_or_skip, launch_chromium, make_class_folders, noisy_image, serve_in_thread,
+                      train_colour_run, watch_page)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -28,13 +29,7 @@ CLASSES = sorted(COLOURS)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from imgtune import Learner, load_data
-
-    root = tmp_path_factory.mktemp("serve")
-    data = load_data(make_class_folders(root / "colours"), valid_pct=0.25, stratify=True, seed=0)
-    learner = Learner.from_data(data, **TINY)
-    learner.fit_one_cycle(1, 1e-2)
-    return learner.save(root / "run", metrics={"valid_accuracy": 0.75}) and root / "run"
+    return train_colour_run(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import COLOURS, TINY, make_class_folders, noisy_image
+from conftest import COLOURS, noisy_image, train_colour_run
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -24,14 +24,7 @@ CLASSES = sorted(COLOURS)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from imgtune import Learner, load_data
-
-    root = tmp_path_factory.mktemp("batching")
-    data = load_data(make_class_folders(root / "colours"), valid_pct=0.25, stratify=True, seed=0)
-    learner = Learner.from_data(data, **TINY)
-    learner.fit_one_cycle(1, 1e-2)
-    learner.save(root / "run")
-    return root / "run"
+    return train_colour_run(tmp_path_factory.mktemp("batching"))
 
 
 def png(colour: str, seed: int, size: int = 40) -> bytes:
