@@ -17,7 +17,10 @@ one frozen-phase epoch with cached features vs the body recomputed.
 ``deploy``: the predictors side by side on one batch of 32 pets pictures: PyTorch eager, ONNX Runtime
 float32 and int8 (``imgtune.deploy.quantize``), ONNX Runtime's session options (imgtune's against its
 defaults, spinning threads or not, outputs bound to pre-allocated buffers), ``predict_files`` on a folder
-(the next batch decoded in a thread) against ``predict`` (decoding, then the model), and, for each run
+(the next batch decoded in a thread) against ``predict`` (decoding, then the model), images/s of the
+float32 and int8 models at batch sizes 1, 4, 8 and 32 (the most micro-batching can gain), each
+preprocessing step (decoding, resizing, the normalised tensor from torchvision's chain against imgtune's
+fused one), and, for each run
 folder of ``--runs`` (trained with ``imgtune train``), int8's accuracy against float32 on the run's
 validation images (``write_int8_onnx``). Targets: int8 >= 6x eager, within 1 point of float32, >= 100
 images/s from files.
@@ -259,9 +262,12 @@ def deploy(args) -> dict:
         out["int8_quantize_seconds"] = time.perf_counter() - started
         (tmp / "run" / "model.int8.onnx").write_bytes(int8_graph)
         batch = torch.from_numpy(next(preprocessed_batches(files[:32], meta, bs=32)))
-        fp32, int8 = OnnxPredictor.load(tmp / "run"), OnnxPredictor(open_session(int8_graph), meta)
+        fp32 = OnnxPredictor.load(tmp / "run")  # as every predictor: no spinning threads
+        int8 = OnnxPredictor(open_session(int8_graph, spinning=False), meta)
+        int8_spinning = OnnxPredictor(open_session(int8_graph, spinning=True), meta)
         ort_default = ort.InferenceSession(str(tmp / "run" / "model.onnx"), providers=["CPUExecutionProvider"])
-        no_spin = open_session(tmp / "run" / "model.onnx", spinning=False)
+        spinning = open_session(tmp / "run" / "model.onnx", spinning=True)
+        fp32_spinning = OnnxPredictor(spinning, meta)
         bound = _bound_run(open_session(tmp / "run" / "model.onnx"), batch.numpy())
         plain = create_model(ARCH, 37, weights="imagenet").eval()
 
@@ -272,18 +278,28 @@ def deploy(args) -> dict:
         out.update({f"batch_{k}": v for k, v in compare(
             {"eager_nchw": eager, "onnx_fp32": lambda: fp32._logits_of(batch), "onnx_int8": lambda: int8._logits_of(batch),
              "onnx_fp32_ort_defaults": lambda: ort_default.run(["logits"], {"images": batch.numpy()}),
-             "onnx_fp32_no_spinning": lambda: no_spin.run(["logits"], {"images": batch.numpy()}),
+             "onnx_fp32_spinning": lambda: spinning.run(["logits"], {"images": batch.numpy()}),
              "onnx_fp32_io_binding": bound}, 32, rounds=args.rounds).items()})
         out["int8_over_eager"] = out["batch_onnx_int8"] / out["batch_eager_nchw"]
         out["fp32_over_eager"] = out["batch_onnx_fp32"] / out["batch_eager_nchw"]
         out["int8_over_fp32"] = out["batch_onnx_int8"] / out["batch_onnx_fp32"]
         logits = fp32._logits_of(batch), int8._logits_of(batch)
         out["batch_int8_top1_agreement"] = float((logits[0].argmax(1) == logits[1].argmax(1)).float().mean())
+        out.update({f"batch_size_{k}": v for k, v in compare(
+            {f"{name}_{n}": (lambda p=p, n=n: p._logits_of(batch[:n])) for name, p in (("fp32", fp32), ("int8", int8))
+             for n in (1, 4, 8, 32)}, 1, rounds=args.rounds, seconds=1.0).items()})
+        for name in ("fp32", "int8"):  # images/s at each batch size: compare() counted calls
+            for n in (4, 8, 32):
+                out[f"batch_size_{name}_{n}"] *= n
+            out[f"batch_size_{name}_8_over_1"] = out[f"batch_size_{name}_8"] / out[f"batch_size_{name}_1"]
+        out.update(preprocessing(files[:64], meta, args.rounds))
         folder = files[:96]
         out.update({f"files_{k}": v for k, v in compare(
             {"fp32_predict_files": lambda: list(fp32.predict_files(folder)),
              "fp32_predict_no_overlap": lambda: fp32.predict(folder),
+             "fp32_predict_files_spinning": lambda: list(fp32_spinning.predict_files(folder)),
              "int8_predict_files": lambda: list(int8.predict_files(folder)),
+             "int8_predict_files_spinning": lambda: list(int8_spinning.predict_files(folder)),
              "int8_predict_no_overlap": lambda: int8.predict(folder),
              "torch_predict_files": lambda: list(Predictor.load(tmp / "run").predict_files(folder[:32]))},
             len(folder), rounds=args.rounds, seconds=1.0).items()})
@@ -292,6 +308,32 @@ def deploy(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             _, figures = write_int8_onnx(run, path=Path(tmp) / "model.int8.onnx", max_drop=100.0)
         out[f"accuracy_{Path(run).name}"] = figures
+    return out
+
+
+def preprocessing(files: list[Path], meta: dict, rounds: int) -> dict:
+    """Images/s of each step that turns a file into the model's input: decoding (with the JPEG
+    decoder's reduced-size draft), resizing and cropping, and the normalised tensor from torchvision's
+    three transforms against imgtune's :class:`ToNormalizedTensor`; their largest difference."""
+    from torchvision.transforms import v2
+
+    from imgtune.data.images import load_image
+    from imgtune.data.transforms import ToNormalizedTensor, resize_steps
+
+    size, mean, std = meta["size"], meta["mean"], meta["std"]
+    resize = v2.Compose(resize_steps(size, meta.get("resize", "crop")))
+    chain = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    fused = ToNormalizedTensor(mean, std)
+    decoded = [load_image(path, min_size=size) for path in files]
+    pictures = [resize(image) for image in decoded]
+    rates = compare({"decode": lambda: [load_image(path, min_size=size) for path in files],
+                     "resize_crop": lambda: [resize(image) for image in decoded],
+                     "to_tensor_torchvision": lambda: [chain(picture) for picture in pictures],
+                     "to_tensor_fused": lambda: [fused(picture) for picture in pictures]},
+                    len(files), rounds=rounds, seconds=1.0)
+    out = {f"preprocess_{k}": v for k, v in rates.items()}
+    out["preprocess_fused_over_torchvision"] = rates["to_tensor_fused"] / rates["to_tensor_torchvision"]
+    out["preprocess_fused_difference"] = max(float((chain(p) - fused(p)).abs().max()) for p in pictures)
     return out
 
 
@@ -393,6 +435,10 @@ def main() -> None:
         for key, value in d.items():
             if not isinstance(value, dict):
                 print(f"  {key:<36} {value:10.4g}")
+        print(f"  batch 8 / batch 1 images/s: fp32 {d['batch_size_fp32_8_over_1']:.2f}x, int8 "
+              f"{d['batch_size_int8_8_over_1']:.2f}x (what micro-batching can gain in the model)")
+        print(f"  to tensor: imgtune's fused {d['preprocess_fused_over_torchvision']:.1f}x torchvision's chain "
+              f"(largest difference {d['preprocess_fused_difference']:.1g})")
         print(f"  int8 / eager {d['int8_over_eager']:.1f}x (target 6x), fp32 / eager {d['fp32_over_eager']:.1f}x; "
               f"predict_files int8 {d['files_int8_predict_files']:.0f}/s, fp32 {d['files_fp32_predict_files']:.0f}/s "
               "(target 100/s)")

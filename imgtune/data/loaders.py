@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from imgtune.data import catalogue, shards
 from imgtune.data.images import MAX_PIXELS, load_image
@@ -27,7 +26,7 @@ from imgtune.data.sources import (
     items_from_name_re,
 )
 from imgtune.data.split import split_items
-from imgtune.data.transforms import tensor_transform, train_transform
+from imgtune.data.transforms import ToNormalizedTensor, tensor_transform, train_transform
 from imgtune.errors import ImgtuneError, UnreadableImageError
 from imgtune.system import io_threads, usable_cores
 
@@ -307,7 +306,7 @@ def default_num_workers(device: str | torch.device | None = None) -> int:
 
 class DeviceNormalize:
     """uint8 picture batches to normalised float32 where they are (on the GPU, after their copy):
-    the same operations as the CPU loaders' transform (scale to [0, 1], then ``(x - mean) / std``).
+    the same arithmetic as the CPU loaders' :class:`ToNormalizedTensor` (``(x / 255 - mean) / std``).
 
     Args:
         mean, std: the per-channel normalisation.
@@ -315,10 +314,10 @@ class DeviceNormalize:
 
     def __init__(self, mean, std):
         self.mean, self.std = list(mean), list(std)
+        self._fused = ToNormalizedTensor(mean, std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = v2.functional.to_dtype(images, torch.float32, scale=True)
-        return v2.functional.normalize(images, self.mean, self.std)
+        return self._fused.normalize(images)
 
 
 def _seed_worker(worker_id: int) -> None:

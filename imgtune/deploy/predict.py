@@ -204,8 +204,11 @@ class OnnxPredictor(_ImagePredictor):
     def load(cls, run_dir: str | Path, *, device: str = "cpu", int8: bool = False,
              tta: str | None = None) -> "OnnxPredictor":
         """Open ``model.onnx`` (``int8``: ``model.int8.onnx``) on the CPU (or CUDA, when ``device`` is cuda
-        and ONNX Runtime has it), with :func:`imgtune.deploy.onnx_session.session_options`; ``tta``:
-        see :func:`resolve_tta`.
+        and ONNX Runtime has it), with :func:`imgtune.deploy.onnx_session.session_options` without
+        spinning threads: a predictor shares the cores with decoding (``predict_files``' thread, the
+        web demo's workers), which threads spinning between operators slow down (``predict_files``
+        1.1-1.2x faster without, float32 and int8, in ``bench/speed.py deploy``); ``tta``: see
+        :func:`resolve_tta`.
 
         Raises:
             ImgtuneError: the file is missing, cannot be loaded, or was exported from other weights.
@@ -216,7 +219,7 @@ class OnnxPredictor(_ImagePredictor):
         path = run_dir / name
         if not path.is_file():
             raise ImgtuneError(f"{run_dir}: no {name}; write it with `imgtune export {run_dir}{' --int8' if int8 else ''}`")
-        session = open_session(path, device=device)
+        session = open_session(path, device=device, spinning=False)
         sha256 = weights_sha256(run_dir)
         check_weights(run_dir, meta, sha256)  # model.json (classes, preprocessing) belongs to these weights
         if session.get_modelmeta().custom_metadata_map.get("weights_sha256") != sha256:

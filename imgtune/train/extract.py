@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from imgtune.data.cache import ArrayStore, cache_root, file_key
 from imgtune.data.loaders import DeviceNormalize, default_num_workers
 from imgtune.data.presize import ImageView
-from imgtune.data.transforms import tensor_transform
+from imgtune.data.transforms import ToNormalizedTensor, tensor_transform
 from imgtune.deploy.export import module_to_onnx
 from imgtune.files import atomic_write
 from imgtune.train.device import autocast, choose_precision
@@ -261,7 +261,7 @@ def picture_batches(paths, chunks: list[list[int]], view: ImageView, *, mean, st
         return
     longest = max(len(chunk) for chunk in chunks)
     buffers = [np.empty((FEATURE_VIEWS * longest, 3, view.size, view.size), np.float32) for _ in range(2)]
-    normalize = _InPlaceNormalize(mean, std)
+    normalize = ToNormalizedTensor(mean, std).normalize_  # in place, bit for bit the loaders' arithmetic
 
     def load(chunk: list[int], buffer: np.ndarray) -> torch.Tensor:
         for slot, index in enumerate(chunk):
@@ -279,18 +279,6 @@ def picture_batches(paths, chunks: list[list[int]], view: ImageView, *, mean, st
             if number + 1 < len(chunks):  # into the other buffer, which the caller is done with
                 pending = pool.submit(load, chunks[number + 1], buffers[(number + 1) % 2])
             yield chunk, images
-
-
-class _InPlaceNormalize:
-    """Pixel values 0..255 (as float32) to ``(x / 255 - mean) / std`` in place: torchvision's ToDtype
-    (scale) and Normalize, operation for operation, so the results are bit for bit theirs."""
-
-    def __init__(self, mean, std):
-        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
 
 class _Pictures(Dataset):

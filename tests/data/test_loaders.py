@@ -123,6 +123,32 @@ def test_the_data_folder_is_never_modified(image_folder):
 # --- transforms and loaders -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["pil", "array", "tensor", "grey"])
+def test_the_fused_normalisation_gives_torchvision_s_values_for_every_kind_of_picture(kind):
+    """ToNormalizedTensor = ToImage, ToDtype(scale=True), Normalize to float rounding, as a contiguous
+    float32 C x H x W tensor, whatever the picture is given as."""
+    from torchvision.transforms import v2
+
+    from imgtune.data.transforms import ToNormalizedTensor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    picture = {"pil": Image.fromarray(pixels), "array": pixels, "tensor": torch.from_numpy(pixels).permute(2, 0, 1),
+               "grey": Image.fromarray(pixels[..., 0])}[kind]
+    mean, std = (MEAN[0],) if kind == "grey" else MEAN, (STD[0],) if kind == "grey" else STD
+    expected = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(picture)
+    got = ToNormalizedTensor(mean, std)(picture)
+    assert got.dtype == torch.float32 and got.is_contiguous() and type(got) is torch.Tensor
+    assert got.shape == expected.shape == ((1,) if kind == "grey" else (3,)) + (7, 5)
+    torch.testing.assert_close(got, expected.as_subclass(torch.Tensor), rtol=0, atol=1e-6)
+
+
+def test_the_fused_normalisation_refuses_a_std_that_is_not_positive():
+    from imgtune.data.transforms import ToNormalizedTensor
+
+    with pytest.raises(ImgtuneError, match="std must be positive"):
+        ToNormalizedTensor(MEAN, (0.2, 0.0, 0.2))
+
+
 def solid_data(tmp_path, size=(32, 32)) -> ImageData:
     """A white and a black image in each split."""
     paths = {c: tmp_path / f"{c}.png" for c in ("white", "black")}
@@ -231,7 +257,7 @@ def test_cpu_loaders_are_unchanged_by_the_device_argument(tiny_data):
         train_dl, valid_dl = tiny_data.loaders(size=16, bs=4, num_workers=2, device=device)
         assert train_dl.persistent_workers and valid_dl.persistent_workers
         assert not train_dl.pin_memory and not valid_dl.pin_memory
-        assert train_dl.dataset.transform.transforms[-1].__class__.__name__ == "Normalize"
+        assert train_dl.dataset.transform.transforms[-1].__class__.__name__ == "ToNormalizedTensor"
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")

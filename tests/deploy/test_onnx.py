@@ -72,6 +72,17 @@ def test_onnx_predictor_gives_the_torch_probabilities_on_files(tiny_learner, exp
     assert onnx_prediction.labels == torch_prediction.labels
 
 
+def test_the_predictor_s_threads_do_not_spin_while_decoding_shares_the_cores(exported):
+    """Predictors share the cores with decoding, so their session is opened without spinning threads;
+    the feature extractor's sessions keep the default (spinning)."""
+    from imgtune.deploy.onnx_session import open_session
+
+    options = OnnxPredictor.load(exported).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = open_session(exported / "model.onnx").get_session_options()
+    assert default.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
 def test_auto_backend_picks_onnx_when_model_onnx_exists(bundle):
     assert isinstance(load_predictor(bundle), Predictor)
     export_onnx(bundle)
