@@ -17,7 +17,8 @@ one frozen-phase epoch with cached features vs the body recomputed.
 ``deploy``: the predictors side by side on one batch of 32 pets pictures: PyTorch eager, ONNX Runtime
 float32 and int8 (``imgtune.deploy.quantize``), ONNX Runtime's session options (imgtune's against its
 defaults, spinning threads or not, outputs bound to pre-allocated buffers), ``predict_files`` on a folder
-(the next batch decoded in a thread) against ``predict`` (decoding, then the model), images/s of the
+(every core decoding and running whole batches on a one-thread session) against its earlier form (one
+thread decoding the next batch beside the model's threads) and ``predict`` (decoding, then the model), images/s of the
 float32 and int8 models at batch sizes 1, 4, 8 and 32 (the most micro-batching can gain), each
 preprocessing step (decoding, resizing, the normalised tensor from torchvision's chain against imgtune's
 fused one), and, for each run
@@ -263,11 +264,11 @@ def deploy(args) -> dict:
         (tmp / "run" / "model.int8.onnx").write_bytes(int8_graph)
         batch = torch.from_numpy(next(preprocessed_batches(files[:32], meta, bs=32)))
         fp32 = OnnxPredictor.load(tmp / "run")  # as every predictor: no spinning threads
-        int8 = OnnxPredictor(open_session(int8_graph, spinning=False), meta)
-        int8_spinning = OnnxPredictor(open_session(int8_graph, spinning=True), meta)
+        int8 = OnnxPredictor(open_session(int8_graph, spinning=False), meta, model=int8_graph)
+        # predict_files as before 2026-12-01 evening: one thread decodes the next batch beside the model's threads
+        fp32_one_decoder, int8_one_decoder = OnnxPredictor(fp32.session, meta), OnnxPredictor(int8.session, meta)
         ort_default = ort.InferenceSession(str(tmp / "run" / "model.onnx"), providers=["CPUExecutionProvider"])
         spinning = open_session(tmp / "run" / "model.onnx", spinning=True)
-        fp32_spinning = OnnxPredictor(spinning, meta)
         bound = _bound_run(open_session(tmp / "run" / "model.onnx"), batch.numpy())
         plain = create_model(ARCH, 37, weights="imagenet").eval()
 
@@ -293,13 +294,13 @@ def deploy(args) -> dict:
                 out[f"batch_size_{name}_{n}"] *= n
             out[f"batch_size_{name}_8_over_1"] = out[f"batch_size_{name}_8"] / out[f"batch_size_{name}_1"]
         out.update(preprocessing(files[:64], meta, args.rounds))
-        folder = files[:96]
+        folder = files[:192]  # six batches of 32: three per core
         out.update({f"files_{k}": v for k, v in compare(
             {"fp32_predict_files": lambda: list(fp32.predict_files(folder)),
              "fp32_predict_no_overlap": lambda: fp32.predict(folder),
-             "fp32_predict_files_spinning": lambda: list(fp32_spinning.predict_files(folder)),
+             "fp32_predict_files_one_decoder": lambda: list(fp32_one_decoder.predict_files(folder)),
              "int8_predict_files": lambda: list(int8.predict_files(folder)),
-             "int8_predict_files_spinning": lambda: list(int8_spinning.predict_files(folder)),
+             "int8_predict_files_one_decoder": lambda: list(int8_one_decoder.predict_files(folder)),
              "int8_predict_no_overlap": lambda: int8.predict(folder),
              "torch_predict_files": lambda: list(Predictor.load(tmp / "run").predict_files(folder[:32]))},
             len(folder), rounds=args.rounds, seconds=1.0).items()})

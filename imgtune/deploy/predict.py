@@ -8,6 +8,8 @@ to expect (``"tta"``; absent in older bundles: ``"none"``), and a predictor can 
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from imgtune.deploy.bundle import (INT8_ONNX_FILE, ONNX_FILE, WEIGHTS_FILE, chec
                                    weights_sha256)
 from imgtune.deploy.onnx_session import open_session
 from imgtune.errors import ImgtuneError
+from imgtune.system import usable_cores
 
 #: Test-time augmentation: ``none`` (the picture) or ``flip`` (the mean of the picture's and its mirror's probabilities).
 TTA_MODES = ("none", "flip")
@@ -86,12 +89,14 @@ class _ImagePredictor:
         """Raw model outputs for images given as paths, PIL images or HxWxC uint8 arrays (no TTA)."""
         return self._logits_of(torch.stack([self.transform(self._as_image(image)) for image in images]))
 
-    def probs_of(self, batch: torch.Tensor) -> torch.Tensor:
+    def probs_of(self, batch: torch.Tensor, logits_of=None) -> torch.Tensor:
         """Class probabilities of a batch of preprocessed images, with the predictor's ``tta``: with
-        ``flip``, the mean of the softmax of each image and of its mirror (one call on both)."""
+        ``flip``, the mean of the softmax of each image and of its mirror (one call on both);
+        ``logits_of``: what runs the model (default: the predictor's ``_logits_of``)."""
+        logits_of = logits_of or self._logits_of
         if self.tta == "none":
-            return self._logits_of(batch).softmax(1)
-        probs = self._logits_of(torch.cat([batch, batch.flip(-1)])).softmax(1)
+            return logits_of(batch).softmax(1)
+        probs = logits_of(torch.cat([batch, batch.flip(-1)])).softmax(1)
         return (probs[:len(batch)] + probs[len(batch):]) / 2
 
     def predict(self, images: Sequence, *, bs: int = 32) -> Prediction:
@@ -110,8 +115,7 @@ class _ImagePredictor:
         or ``None`` and the one-line reason the file could not be read. Batches hold ``bs`` files; a
         thread decodes the next batch while the model runs this one.
         """
-        paths = list(paths)
-        chunks = [paths[start:start + bs] for start in range(0, len(paths), bs)]
+        chunks = _chunks(paths, bs)
         with ThreadPoolExecutor(1, thread_name_prefix="imgtune-decode") as decoder:
             pending = decoder.submit(self._decode, chunks[0]) if chunks else None
             for number, chunk in enumerate(chunks):
@@ -119,12 +123,16 @@ class _ImagePredictor:
                 if number + 1 < len(chunks):
                     pending = decoder.submit(self._decode, chunks[number + 1])
                 probs = self.probs_of(torch.stack(list(tensors.values()))).numpy() if tensors else None
-                rows = {i: row for row, i in enumerate(tensors)}
-                for i, path in enumerate(chunk):
-                    if i in errors:
-                        yield path, None, errors[i]
-                    else:
-                        yield path, Prediction(self.classes, probs[rows[i]:rows[i] + 1]), None
+                yield from self._rows(chunk, tensors, errors, probs)
+
+    def _rows(self, chunk, tensors: dict, errors: dict, probs: np.ndarray | None):
+        """``predict_files``' answers for one batch: its decoded pictures' rows of ``probs``, in order."""
+        rows = {i: row for row, i in enumerate(tensors)}
+        for i, path in enumerate(chunk):
+            if i in errors:
+                yield path, None, errors[i]
+            else:
+                yield path, Prediction(self.classes, probs[rows[i]:rows[i] + 1]), None
 
     def _decode(self, chunk: Sequence[str | Path]) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
         """The preprocessed images of ``chunk`` by position, and the reasons the others failed."""
@@ -194,11 +202,55 @@ class OnnxPredictor(_ImagePredictor):
     Runtime; no PyTorch model.
 
     >>> OnnxPredictor.load("runs/elpv-20261126-120000").predict(["cell.png"]).top_k(3)
+
+    Args:
+        session: the ONNX Runtime session ``predict`` and ``probs_of`` run (all the cores' threads).
+        meta: the bundle's ``model.json``.
+        tta: ``"flip"`` or ``"none"`` (default: the bundle's).
+        model: the graph's file or bytes, for ``predict_files``' one-thread session (see there);
+            ``None``: ``predict_files`` decodes in one thread beside ``session`` instead.
     """
 
-    def __init__(self, session, meta: dict, tta: str | None = None):
+    def __init__(self, session, meta: dict, tta: str | None = None, *, model: str | Path | bytes | None = None):
         super().__init__(meta, tta)
         self.session = session
+        self.model = model
+        self._one_thread = None  # predict_files' session, opened when first needed
+
+    def predict_files(self, paths: Sequence[str | Path], *, bs: int = 32
+                      ) -> Iterator[tuple[str | Path, Prediction | None, str | None]]:
+        """As :meth:`_ImagePredictor.predict_files`, with every core taking whole batches on the CPU:
+        each of :func:`imgtune.system.usable_cores` threads decodes a batch and runs it on a shared
+        one-thread session, so decoding and the model fill both cores without the model's threads
+        waiting on each other between operators (``bench/speed.py deploy``: ``predict_files`` against
+        ``predict_files_one_decoder``). Answers come in order; at most two batches per core are in
+        flight, so memory stays a few batches whatever the folder's size.
+        """
+        workers = usable_cores()
+        cpu = self.session.get_providers()[0] == "CPUExecutionProvider"
+        if self.model is None or workers < 2 or not cpu:
+            yield from super().predict_files(paths, bs=bs)
+            return
+        if self._one_thread is None:
+            self._one_thread = open_session(self.model, threads=1, spinning=False)
+        session = self._one_thread
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            return self._logits_of(batch, session)
+
+        def classify(chunk):
+            tensors, errors = self._decode(chunk)
+            probs = self.probs_of(torch.stack(list(tensors.values())), run).numpy() if tensors else None
+            return tensors, errors, probs
+
+        chunks = iter(_chunks(paths, bs))
+        with ThreadPoolExecutor(workers, thread_name_prefix="imgtune-predict") as pool:
+            pending = deque(pool.submit(lambda c=c: (c, *classify(c))) for c in itertools.islice(chunks, 2 * workers))
+            while pending:
+                chunk, tensors, errors, probs = pending.popleft().result()
+                for chunk_next in itertools.islice(chunks, 1):
+                    pending.append(pool.submit(lambda c=chunk_next: (c, *classify(c))))
+                yield from self._rows(chunk, tensors, errors, probs)
 
     @classmethod
     def load(cls, run_dir: str | Path, *, device: str = "cpu", int8: bool = False,
@@ -225,11 +277,17 @@ class OnnxPredictor(_ImagePredictor):
         if session.get_modelmeta().custom_metadata_map.get("weights_sha256") != sha256:
             raise ImgtuneError(f"{path} was exported from other weights than {WEIGHTS_FILE}; "
                                f"re-export with `imgtune export {run_dir}{' --int8' if int8 else ''} --overwrite`")
-        return cls(session, meta, tta)
+        return cls(session, meta, tta, model=path)
 
-    def _logits_of(self, batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(["logits"], {"images": np.ascontiguousarray(batch.numpy(), dtype=np.float32)})
+    def _logits_of(self, batch: torch.Tensor, session=None) -> torch.Tensor:
+        images = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+        (logits,) = (session or self.session).run(["logits"], {"images": images})
         return torch.from_numpy(logits)
+
+
+def _chunks(paths: Sequence, bs: int) -> list[list]:
+    paths = list(paths)
+    return [paths[start:start + bs] for start in range(0, len(paths), bs)]
 
 
 def load_predictor(run_dir: str | Path, *, backend: str = "auto", device: str = "cpu", int8: bool = False,

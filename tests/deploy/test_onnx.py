@@ -112,6 +112,46 @@ def test_predict_files_reports_unreadable_files_and_keeps_order(tiny_learner, ex
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_predict_files_on_every_core_gives_the_one_decoder_answers_in_order(tiny_learner, exported, tmp_path,
+                                                                         monkeypatch, tta):
+    """With two cores each takes whole batches on a one-thread session: the same rows, errors and order
+    as one decoding thread beside the model, whatever finishes first."""
+    import imgtune.deploy.predict as predict
+
+    monkeypatch.setattr(predict, "usable_cores", lambda: 2)
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    good = valid_paths(tiny_learner)
+    paths = [good[0], bad, *good[1:]] * 3
+    parallel = OnnxPredictor.load(exported, tta=tta)
+    one_decoder = OnnxPredictor(parallel.session, parallel.meta, tta)  # no model: one decoding thread
+    got, expected = list(parallel.predict_files(paths, bs=2)), list(one_decoder.predict_files(paths, bs=2))
+    assert parallel._one_thread is not None and one_decoder._one_thread is None
+    assert [(p, e) for p, _, e in got] == [(p, e) for p, _, e in expected] and len(got) == len(paths)
+    assert sum(e is not None for _, _, e in got) == 3
+    for (_, mine, _), (_, theirs, _) in zip(got, expected):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            np.testing.assert_allclose(mine.probs, theirs.probs, atol=1e-5, rtol=0)
+
+
+def test_predict_files_abandoned_early_decodes_only_the_batches_in_flight(tiny_learner, exported, monkeypatch):
+    """At most two batches per core are in flight: a caller that stops after the first answer does not
+    wait for the whole folder to be decoded and classified."""
+    import imgtune.deploy.predict as predict
+
+    monkeypatch.setattr(predict, "usable_cores", lambda: 2)
+    predictor = OnnxPredictor.load(exported)
+    decoded = []
+    decode = predictor._decode
+    monkeypatch.setattr(predictor, "_decode", lambda chunk: decoded.append(len(chunk)) or decode(chunk))
+    answers = predictor.predict_files(valid_paths(tiny_learner)[:1] * 40, bs=1)
+    next(answers)
+    answers.close()
+    assert len(decoded) == 5  # 2 x 2 batches submitted first, one more after the first answer, of 40
+
+
 def test_missing_bundle_or_onnx_file_is_an_error(tmp_path, bundle):
     with pytest.raises(ImgtuneError, match="not a model bundle"):
         export_onnx(tmp_path / "nothing")
