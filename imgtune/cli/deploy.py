@@ -70,6 +70,7 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
     predictor = load_predictor(run_dir, backend=backend, device=resolve_device(device), int8=int8,
                                tta=None if tta is None else ("flip" if tta else "none"))
     files = image_files(images)
+    _hint_onnx(predictor, Path(run_dir), len(files), backend)
     if group_by:
         return _predict_sessions(predictor, files, group_by, top_k=top_k, as_json=as_json, csv_path=csv_path, bs=bs)
     # A file named on the command line is shown as typed; one found in a folder as found.
@@ -84,6 +85,22 @@ def predict(run_dir, images, top_k, as_json, csv_path, overwrite, bs, backend, d
         click.echo(f"{len(files) - failed} predictions written to {csv_path}")
     if failed:
         raise ImgtuneError(f"{failed} of {len(files)} images could not be read")
+
+
+#: From this many files on, ``imgtune predict`` on PyTorch on a CPU says that an export would be faster.
+ONNX_HINT_MIN_FILES = PROGRESS_MIN_FILES
+
+
+def _hint_onnx(predictor, run_dir: Path, files: int, backend: str) -> None:
+    """One line on stderr when many files are about to be predicted with PyTorch on a CPU only because
+    the run has no ``model.onnx`` (``bench/speed.py deploy``: 18-21 against 57-64 images/s from files)."""
+    from imgtune.deploy.bundle import ONNX_FILE
+    from imgtune.deploy.predict import Predictor
+
+    if (backend == "auto" and files >= ONNX_HINT_MIN_FILES and isinstance(predictor, Predictor)
+            and predictor.device.type == "cpu" and not (run_dir / ONNX_FILE).exists()):
+        click.echo(f"imgtune: predicting {files} images with PyTorch; `imgtune export {run_dir}` writes {ONNX_FILE}, "
+                   "which ONNX Runtime runs about 3x faster on a CPU (used from then on)", err=True)
 
 
 def _predict_each(results, total: int, shown: dict, *, writer, top_k: int, as_json: bool) -> int:

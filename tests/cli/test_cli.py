@@ -300,6 +300,29 @@ def test_export_then_predict_with_onnx(trained, tmp_path):
     assert [t["probability"] for t in onnx_top] == pytest.approx([t["probability"] for t in torch_top], abs=1e-4)
 
 
+def test_predict_on_many_files_with_pytorch_on_a_cpu_suggests_the_export(trained, tmp_path, monkeypatch):
+    """One line on stderr, only where the run has no model.onnx and the backend was left to auto;
+    the predictions on stdout are unchanged."""
+    import shutil
+
+    import imgtune.cli.deploy as deploy
+
+    monkeypatch.setattr(deploy, "ONNX_HINT_MIN_FILES", 3)
+    data, out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    many, few = [str(data / "red")], [str(next((data / "red").iterdir()))]
+    hinted = CliRunner().invoke(cli, ["predict", str(run), *many, "--json"])
+    assert hinted.exit_code == 0, hinted.output
+    assert f"`imgtune export {run}`" in hinted.stderr and len(hinted.stderr.strip().splitlines()) == 1
+    rows = [json.loads(line) for line in hinted.stdout.splitlines()]  # stdout stays one JSON object a line
+    assert len(rows) == len(list((data / "red").iterdir())) and all(row["top_k"] for row in rows)
+    for args in (few, [*many, "--backend", "torch"]):
+        assert CliRunner().invoke(cli, ["predict", str(run), *args]).stderr == ""
+    assert CliRunner().invoke(cli, ["export", str(run)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["predict", str(run), *many]).stderr == ""
+
+
 def test_predict_onnx_without_export_is_an_error(trained):
     _, out, _ = trained
     assert "imgtune export" in one_line_error(CliRunner().invoke(cli, ["predict", str(out), "x.png", "--backend", "onnx"]), 1)
