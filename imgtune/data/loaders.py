@@ -313,7 +313,6 @@ class DeviceNormalize:
     """
 
     def __init__(self, mean, std):
-        self.mean, self.std = list(mean), list(std)
         self._fused = ToNormalizedTensor(mean, std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ class ToNormalizedTensor:
 
     The values of ``ToImage, ToDtype(float32, scale=True), Normalize(mean, std)`` to float rounding
     (about 1e-7), as one multiply and one add in place instead of three passes that each make a tensor
-    through torchvision's tv_tensor dispatch: about 0.4 ms instead of 2.3 ms for a 224 x 224 picture on one
-    of our cores, which is a tenth of what ``predict`` spends per image (``bench/speed.py preprocess``).
+    through torchvision's tv_tensor dispatch: 0.37-0.54 ms instead of 0.7-1.4 ms for a 224 x 224 picture on
+    one of our cores (``bench/speed.py deploy``, its ``preprocess_to_tensor_*`` figures).
     """
 
     def __init__(self, mean, std):

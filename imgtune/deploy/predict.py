@@ -101,9 +101,8 @@ class _ImagePredictor:
 
     def predict(self, images: Sequence, *, bs: int = 32) -> Prediction:
         """Class probabilities for ``images``, in batches of ``bs``; columns follow ``classes``."""
-        images = list(images)
-        chunks = [self.probs_of(torch.stack([self.transform(self._as_image(image)) for image in images[i:i + bs]]))
-                  for i in range(0, len(images), bs)]
+        chunks = [self.probs_of(torch.stack([self.transform(self._as_image(image)) for image in chunk]))
+                  for chunk in _chunks(images, bs)]
         probs = torch.cat(chunks).numpy() if chunks else np.zeros((0, len(self.classes)), dtype=np.float32)
         return Prediction(self.classes, probs)
 
@@ -241,16 +240,15 @@ class OnnxPredictor(_ImagePredictor):
         def classify(chunk):
             tensors, errors = self._decode(chunk)
             probs = self.probs_of(torch.stack(list(tensors.values())), run).numpy() if tensors else None
-            return tensors, errors, probs
+            return chunk, tensors, errors, probs
 
         chunks = iter(_chunks(paths, bs))
         with ThreadPoolExecutor(workers, thread_name_prefix="imgtune-predict") as pool:
-            pending = deque(pool.submit(lambda c=c: (c, *classify(c))) for c in itertools.islice(chunks, 2 * workers))
+            pending = deque(pool.submit(classify, chunk) for chunk in itertools.islice(chunks, 2 * workers))
             while pending:
-                chunk, tensors, errors, probs = pending.popleft().result()
-                for chunk_next in itertools.islice(chunks, 1):
-                    pending.append(pool.submit(lambda c=chunk_next: (c, *classify(c))))
-                yield from self._rows(chunk, tensors, errors, probs)
+                answered = pending.popleft().result()
+                pending.extend(pool.submit(classify, chunk) for chunk in itertools.islice(chunks, 1))
+                yield from self._rows(*answered)
 
     @classmethod
     def load(cls, run_dir: str | Path, *, device: str = "cpu", int8: bool = False,
